@@ -1,1 +1,6 @@
-int main() { return 0; }
+// registry-proxy: the whole program is the library; this is only its door.
+#include <iostream>
+
+#include "cli.h"
+
+int main(int argc, char** argv) { return registry_proxy::RunCli(argc, argv, std::cout, std::cerr); }

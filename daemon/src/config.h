@@ -40,14 +40,14 @@ struct NodeSettings {
 struct Config {
   std::shared_ptr<const Policy> policy;  // never null
   NodeSettings node;
-  std::string source;       // file path, or "<builtin>"/"<string>"
+  std::string source;          // file path, or "<builtin>"/"<string>"
   std::string content_sha256;  // hex digest of the bytes loaded: a stable config version
 };
 
 struct ConfigError {
   std::string file;
-  int line = 0;    // 1-based; 0 when unknown
-  int column = 0;  // 1-based; 0 when unknown
+  int line = 0;       // 1-based; 0 when unknown
+  int column = 0;     // 1-based; 0 when unknown
   std::string field;  // dotted path: "rules[2].mirrors[0].host"; "" for the whole document
   std::string message;
 

@@ -59,6 +59,11 @@ struct Mirror {
   // The reference to pull from this mirror for `original` (whose domain the rule matched).
   // The digest is always kept; with a digest the tag is dropped (containerd drops it too).
   std::string Rewrite(const Reference& original) const;
+  // Length of the repository name (without tag or digest) Rewrite() would produce.
+  size_t RewrittenNameLength(const Reference& original) const;
+
+ private:
+  std::string_view MirrorPath(const Reference& original) const;
 };
 
 struct Rule {
@@ -88,17 +93,17 @@ struct PullContext {
 };
 
 enum class DecisionReason {
-  kRewritten,            // mirrors first (and upstream if fallback)
-  kDisabled,             // enabled: false
-  kImageId,              // ids pass through
-  kInvalidReference,     // containerd will report its own error
-  kNoRule,               // no rule matches the repository
-  kNamespaceExcluded,    // excludeNamespaces (global) matched
-  kNamespaceNotIncluded, // includeNamespaces (global) did not match
-  kRuleNamespace,        // every matching rule's namespace filter rejected the namespace
-  kPodSelector,          // podSelector did not match the pod's labels
-  kNoNamespace,          // no pod namespace and the policy is passthrough
-  kDigestOnly,           // the matching rule is digestOnly and the reference has no digest
+  kRewritten,             // mirrors first (and upstream if fallback)
+  kDisabled,              // enabled: false
+  kImageId,               // ids pass through
+  kInvalidReference,      // containerd will report its own error
+  kNoRule,                // no rule matches the repository
+  kNamespaceExcluded,     // excludeNamespaces (global) matched
+  kNamespaceNotIncluded,  // includeNamespaces (global) did not match
+  kRuleNamespace,         // every matching rule's namespace filter rejected the namespace
+  kPodSelector,           // podSelector did not match the pod's labels
+  kNoNamespace,           // no pod namespace and the policy is passthrough
+  kDigestOnly,            // the matching rule is digestOnly and the reference has no digest
 };
 
 std::string_view ReasonName(DecisionReason r);  // stable snake_case, for JSON and metrics
@@ -109,6 +114,8 @@ struct Candidate {
   const Mirror* mirror = nullptr;  // null for upstream; points into the Policy
 };
 
+// A Decision points into the Policy that made it (rule, mirrors): use it while you hold that
+// Policy (callers hold a config snapshot for the whole of their work anyway).
 struct Decision {
   // Never empty: at least one candidate. When not rewritten, exactly one: the input
   // unchanged.
@@ -150,7 +157,11 @@ class Policy {
   std::vector<Rule> rules_;
   // match -> indexes into rules_, in config order. Lookup walks the repository's prefixes
   // from longest to shortest, so a decision costs O(path depth), not O(rules).
-  std::unordered_map<std::string, std::vector<size_t>> by_match_;
+  struct StringHash {
+    using is_transparent = void;  // lets find() take a string_view without allocating
+    size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+  };
+  std::unordered_map<std::string, std::vector<size_t>, StringHash, std::equal_to<>> by_match_;
 };
 
 // Normalises a rule's `match`: "index.docker.io/foo" -> "docker.io/foo", a trailing '/' is
