@@ -74,12 +74,16 @@ std::string Cat(std::initializer_list<std::string_view> parts) {
   return out;
 }
 
-// Renders a value from the file for a message: single-quoted, on one line, capped.
-std::string Quote(std::string_view s) {
-  constexpr size_t kMaxQuoted = 80;
+// Text from the file, on one line (control characters escaped) and capped at 80 bytes, so a
+// megabyte of garbage yields a short error.
+constexpr size_t kMaxQuoted = 80;
+std::string Escape(std::string_view s) {
   static constexpr char kHex[] = "0123456789abcdef";
-  std::string out = "'";
-  for (size_t i = 0; i < s.size() && i < kMaxQuoted; ++i) {
+  // Cut on a character boundary: the input is UTF-8 and messages must stay UTF-8 (JSON).
+  size_t n = std::min(s.size(), kMaxQuoted);
+  while (n < s.size() && n > 0 && (static_cast<unsigned char>(s[n]) & 0xc0) == 0x80) --n;
+  std::string out;
+  for (size_t i = 0; i < n; ++i) {
     const auto c = static_cast<unsigned char>(s[i]);
     if (c == '\n') {
       out += "\\n";
@@ -91,7 +95,12 @@ std::string Quote(std::string_view s) {
       out.push_back(static_cast<char>(c));
     }
   }
-  out.push_back('\'');
+  return out;
+}
+
+// A value for a message: 'value', or 'value...'...(N bytes) when long.
+std::string Quote(std::string_view s) {
+  std::string out = "'" + Escape(s) + "'";
   if (s.size() > kMaxQuoted) out += "...(" + std::to_string(s.size()) + " bytes)";
   return out;
 }
@@ -569,8 +578,11 @@ struct Entry {
   Item value;
 };
 
+// Keys come from the file: a quoted key may hold a newline, and ErrorText is one line per error.
 std::string Child(const std::string& field, std::string_view key) {
-  return field.empty() ? std::string(key) : Cat({field, ".", key});
+  std::string k = Escape(key);
+  if (key.size() > kMaxQuoted) k += "...";
+  return field.empty() ? k : Cat({field, ".", k});
 }
 std::string Index(const std::string& field, size_t i) {
   return field + "[" + std::to_string(i) + "]";
@@ -771,7 +783,9 @@ std::optional<std::vector<Item>> Loader::List(const Item& it) {
   out.reserve(n.children.size());
   for (size_t i = 0; i < n.children.size(); ++i) {
     const Node* c = n.children[i];
-    out.push_back(Item{c, c->pos.line ? c->pos : it.pos, Index(it.field, i)});
+    // An empty item ("-" alone) is placed at the next token; the list is a better pointer.
+    const bool empty = c->kind == Node::Kind::kNull || c->pos.line == 0;
+    out.push_back(Item{c, empty ? it.pos : c->pos, Index(it.field, i)});
   }
   return out;
 }

@@ -271,7 +271,9 @@ Decision Policy::Decide(std::string_view image, const PullContext& ctx) const {
 
   // Which namespace to judge by, if any. An empty namespace is no namespace.
   std::optional<std::string_view> ns;
-  if (ctx.namespace_name && !ctx.namespace_name->empty()) {
+  if (ctx.any_namespace) {
+    // No namespace to judge by, and no policy for its absence either.
+  } else if (ctx.namespace_name && !ctx.namespace_name->empty()) {
     ns = *ctx.namespace_name;
   } else if (options_.no_namespace == NoNamespacePolicy::kPassthrough) {
     Decision d = Unchanged(image, DecisionReason::kNoNamespace,
@@ -301,7 +303,7 @@ Decision Policy::Decide(std::string_view image, const PullContext& ctx) const {
                        Join({"namespace '", *ns, "' is not in includeNamespaces"}));
     }
   }
-  if (ctx.pod_labels && !options_.pod_selector.empty()) {
+  if (ctx.pod_labels && !ctx.any_namespace && !options_.pod_selector.empty()) {
     for (const auto& [k, v] : options_.pod_selector) {
       auto it = ctx.pod_labels->find(k);
       if (it == ctx.pod_labels->end() || it->second != v) {

@@ -90,6 +90,10 @@ struct PullContext {
   std::optional<std::string_view> namespace_name;
   // The pod's labels, if known (used by podSelector); nullptr = unknown.
   const std::map<std::string, std::string>* pod_labels = nullptr;
+  // Decide by the registry rules alone, as if every namespace filter and the pod selector
+  // accepted the pull. For questions about the node's shared image store, which no single
+  // namespace owns (e.g. "could a mirror-named copy of this image exist?").
+  bool any_namespace = false;
 };
 
 enum class DecisionReason {

@@ -335,6 +335,25 @@ TEST(PolicyTest, NoNamespacePolicies) {
   EXPECT_TRUE(Make({r}, as)->Decide("nginx", PullContext{}).rewritten());
 }
 
+TEST(PolicyTest, AnyNamespaceIgnoresEveryNamespaceFilter) {
+  Rule r = R("docker.io", {M("hub.example")});
+  r.namespaces.include = Globs({"team-*"});
+  PolicyOptions o;
+  o.namespaces.exclude = Globs({"kube-system"});
+  o.no_namespace = NoNamespacePolicy::kPassthrough;
+  o.pod_selector = {{"a", "b"}};
+  auto p = Make({r}, o);
+  std::map<std::string, std::string> labels;
+  PullContext c = Ns("kube-system");
+  c.pod_labels = &labels;
+  c.any_namespace = true;
+  Decision d = p->Decide("nginx", c);
+  EXPECT_TRUE(d.rewritten()) << d.detail;
+  EXPECT_EQ(d.candidates[0].image, "hub.example/library/nginx:latest");
+  c.any_namespace = false;
+  EXPECT_EQ(p->Decide("nginx", c).reason, DecisionReason::kNamespaceExcluded);
+}
+
 TEST(PolicyTest, AsNamespaceNeedsANamespace) {
   PolicyOptions o;
   o.no_namespace = NoNamespacePolicy::kAsNamespace;

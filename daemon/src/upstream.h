@@ -1,0 +1,95 @@
+// Narrow interfaces to containerd, owned by the code that uses them (the pull service).
+// One real implementation each talks gRPC over the upstream channel (upstream_grpc.cc);
+// unit tests use fakes.
+//
+// All calls are blocking and run on pull worker threads, never on the proxy's
+// completion-queue thread.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "k8s.io/cri-api/pkg/apis/runtime/v1/api.pb.h"
+
+namespace registry_proxy {
+
+// Which CRI version a call came in on. Both carry the same field numbers for every field the
+// daemon reads or writes, so the runtime.v1 messages parse either.
+enum class CriVersion { kV1, kV1alpha2 };
+
+// Cancels the upstream calls of one downstream call when the caller goes away. Thread-safe.
+class Cancellation {
+ public:
+  // Cancels every registered context now and any registered later.
+  void Cancel();
+  bool cancelled() const { return cancelled_.load(std::memory_order_acquire); }
+
+  // Registers `ctx` for the scope of one upstream call.
+  class Scope {
+   public:
+    Scope(Cancellation* c, grpc::ClientContext* ctx);
+    ~Scope();
+    Scope(const Scope&) = delete;
+    Scope& operator=(const Scope&) = delete;
+
+   private:
+    Cancellation* c_;
+    grpc::ClientContext* ctx_;
+  };
+
+ private:
+  std::atomic<bool> cancelled_{false};
+  std::mutex mu_;
+  std::vector<grpc::ClientContext*> active_;  // guarded by mu_
+};
+
+// What the downstream call said besides its message.
+struct CallOptions {
+  // The caller's deadline (time_point::max() = none; kubelet sets none on PullImage).
+  std::chrono::system_clock::time_point deadline = std::chrono::system_clock::time_point::max();
+  // The caller's metadata worth passing on (no pseudo-headers, no grpc- internals).
+  std::vector<std::pair<std::string, std::string>> metadata;
+  Cancellation* cancellation = nullptr;  // may be null
+};
+
+// containerd's CRI ImageService.
+class CriImageBackend {
+ public:
+  virtual ~CriImageBackend() = default;
+  virtual grpc::Status PullImage(CriVersion v, const runtime::v1::PullImageRequest& req,
+                                 const CallOptions& opts, runtime::v1::PullImageResponse* resp) = 0;
+  virtual grpc::Status ImageStatus(CriVersion v, const runtime::v1::ImageStatusRequest& req,
+                                   const CallOptions& opts,
+                                   runtime::v1::ImageStatusResponse* resp) = 0;
+};
+
+// containerd's Images API (image records: name -> target), in one containerd namespace.
+struct ImageRecord {
+  std::string name;
+  std::map<std::string, std::string> labels;
+  std::string target_media_type;
+  std::string target_digest;
+  int64_t target_size = 0;
+};
+
+class ImageRecordStore {
+ public:
+  virtual ~ImageRecordStore() = default;
+  // NOT_FOUND when there is no such record.
+  virtual grpc::Status Get(const std::string& name, ImageRecord* out) = 0;
+  // Creates the record, or updates target and labels if it exists.
+  virtual grpc::Status Put(const ImageRecord& record) = 0;
+  // OK when it did not exist.
+  virtual grpc::Status Delete(const std::string& name) = 0;
+};
+
+}  // namespace registry_proxy
