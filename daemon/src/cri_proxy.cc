@@ -1,0 +1,566 @@
+#include "cri_proxy.h"
+
+#include <errno.h>
+#include <spdlog/spdlog.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <unordered_map>
+#include <vector>
+
+namespace registry_proxy {
+namespace {
+
+// How the core treats a method.
+enum class Kind {
+  kUnary,   // a CRI method known to be unary: one request, one response
+  kStream,  // anything else, known streaming or unknown: pumped both ways, message by message
+  kPull,    // PullImage: handed to the interceptor on a worker
+  kStatus,  // ImageStatus: forwarded; a miss may be handed to the interceptor
+};
+
+struct MethodInfo {
+  Kind kind;
+  CriVersion version;
+};
+
+// CRI methods with one request and one response, in runtime.v1 and runtime.v1alpha2.
+// A method missing here (a future one, or a streaming one such as GetContainerEvents) is
+// pumped as a stream, which is correct for every shape, just a little slower.
+const std::unordered_map<std::string, MethodInfo>& Methods() {
+  static const auto* kMethods = [] {
+    auto* m = new std::unordered_map<std::string, MethodInfo>();
+    const char* runtime_unary[] = {"Version",
+                                   "RunPodSandbox",
+                                   "StopPodSandbox",
+                                   "RemovePodSandbox",
+                                   "PodSandboxStatus",
+                                   "ListPodSandbox",
+                                   "CreateContainer",
+                                   "StartContainer",
+                                   "StopContainer",
+                                   "RemoveContainer",
+                                   "ListContainers",
+                                   "ContainerStatus",
+                                   "UpdateContainerResources",
+                                   "ReopenContainerLog",
+                                   "ExecSync",
+                                   "Exec",
+                                   "Attach",
+                                   "PortForward",
+                                   "ContainerStats",
+                                   "ListContainerStats",
+                                   "PodSandboxStats",
+                                   "ListPodSandboxStats",
+                                   "UpdateRuntimeConfig",
+                                   "Status",
+                                   "CheckpointContainer",
+                                   "ListMetricDescriptors",
+                                   "ListPodSandboxMetrics",
+                                   "RuntimeConfig",
+                                   "UpdatePodSandboxResources"};
+    const char* image_unary[] = {"ListImages", "RemoveImage", "ImageFsInfo"};
+    for (auto [pkg, version] : {std::pair{"runtime.v1", CriVersion::kV1},
+                                std::pair{"runtime.v1alpha2", CriVersion::kV1alpha2}}) {
+      std::string runtime = std::string("/") + pkg + ".RuntimeService/";
+      std::string image = std::string("/") + pkg + ".ImageService/";
+      for (const char* name : runtime_unary) (*m)[runtime + name] = {Kind::kUnary, version};
+      for (const char* name : image_unary) (*m)[image + name] = {Kind::kUnary, version};
+      (*m)[image + "PullImage"] = {Kind::kPull, version};
+      (*m)[image + "ImageStatus"] = {Kind::kStatus, version};
+    }
+    return m;
+  }();
+  return *kMethods;
+}
+
+MethodInfo Classify(const std::string& method, bool intercept) {
+  auto it = Methods().find(method);
+  if (it == Methods().end()) return {Kind::kStream, CriVersion::kV1};
+  MethodInfo info = it->second;
+  if (!intercept && (info.kind == Kind::kPull || info.kind == Kind::kStatus)) {
+    info.kind = Kind::kUnary;
+  }
+  return info;
+}
+
+// Headers gRPC manages itself (and HTTP/2 pseudo-headers) are not copied from one call to
+// the other; everything else is.
+bool Forwardable(grpc::string_ref key) {
+  std::string_view k(key.data(), key.size());
+  if (k.empty() || k[0] == ':') return false;
+  if (k.substr(0, 5) == "grpc-") return false;
+  return k != "content-type" && k != "te" && k != "user-agent" && k != "host";
+}
+
+std::string ToString(const grpc::ByteBuffer& bb) {
+  std::vector<grpc::Slice> slices;
+  std::string out;
+  if (!bb.Dump(&slices).ok()) return out;
+  out.reserve(bb.Length());
+  for (const auto& s : slices) out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  return out;
+}
+
+grpc::ByteBuffer ToByteBuffer(const std::string& s) {
+  grpc::Slice slice(s);
+  return grpc::ByteBuffer(&slice, 1);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// One downstream call, from the moment it is requested until every operation on it has
+// completed. Every method runs on the completion-queue thread, except that a worker finishes
+// an intercepted call (see StartIntercepted): the worker issues the final Finish and touches
+// nothing else, and the core has no other operation outstanding on the stream meanwhile.
+
+class CriProxy::Call {
+ public:
+  explicit Call(CriProxy* proxy) : proxy_(proxy), stream_(&sctx_) {
+    proxy_->live_calls_.fetch_add(1, std::memory_order_relaxed);
+    sctx_.AsyncNotifyWhenDone(&done_tag_);
+    ++ops_;
+    proxy_->service_.RequestCall(&sctx_, &stream_, proxy_->cq_.get(), proxy_->cq_.get(),
+                                 &request_tag_);
+  }
+
+  ~Call() { proxy_->live_calls_.fetch_sub(1, std::memory_order_relaxed); }
+
+  // A completion-queue tag: which handler to run for which call.
+  struct Tag {
+    Call* call;
+    void (Call::*handler)(bool ok);
+    void Run(bool ok) {
+      Call* c = call;
+      --c->ops_;
+      (c->*handler)(ok);
+      c->MaybeDelete();  // the call may be gone after this
+    }
+  };
+
+ private:
+  // --- start ---------------------------------------------------------------------------------
+
+  void OnRequested(bool ok) {
+    if (!ok) {  // the server is shutting down; this slot will never carry a call
+      requested_ = false;
+      return;
+    }
+    requested_ = true;
+    started_ = std::chrono::steady_clock::now();
+    ++ops_;  // the done tag, delivered once the call ends
+    if (!proxy_->shutting_down_.load()) proxy_->RequestNewCall();
+
+    info_ = Classify(sctx_.method(), proxy_->interceptor_ != nullptr);
+    PrepareClientContext();
+    if (info_.kind == Kind::kStream) {
+      cstream_ = proxy_->stub_.PrepareCall(&cctx_, sctx_.method(), proxy_->cq_.get());
+      ++ops_;
+      cstream_->StartCall(&cstart_tag_);
+      return;
+    }
+    ++ops_;
+    stream_.Read(&request_, &sread_tag_);
+  }
+
+  void PrepareClientContext() {
+    auto deadline = sctx_.deadline();
+    if (deadline != std::chrono::system_clock::time_point::max()) cctx_.set_deadline(deadline);
+    for (const auto& [k, v] : sctx_.client_metadata()) {
+      if (Forwardable(k))
+        cctx_.AddMetadata(std::string(k.data(), k.size()), std::string(v.data(), v.size()));
+    }
+  }
+
+  void OnDone(bool /*ok*/) {
+    done_ = true;
+    if (sctx_.IsCancelled()) {
+      cancelled_ = true;
+      cctx_.TryCancel();
+      cancellation_.Cancel();
+    }
+  }
+
+  // --- unary, pull and status ----------------------------------------------------------------
+
+  void OnUnaryRequest(bool ok) {
+    if (!ok) {  // cancelled, or the client half-closed without a message
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "no request message"));
+      return;
+    }
+    if (info_.kind == Kind::kPull) {
+      StartIntercepted([this] {
+        return proxy_->interceptor_->PullImage(info_.version, ToString(request_), CallOpts());
+      });
+      return;
+    }
+    unary_ = proxy_->stub_.PrepareUnaryCall(&cctx_, sctx_.method(), request_, proxy_->cq_.get());
+    unary_->StartCall();
+    ++ops_;
+    unary_->Finish(&response_, &cstatus_, &cfinish_tag_);
+  }
+
+  void OnUnaryResponse(bool /*ok*/) {
+    CopyServerMetadata();
+    if (!cstatus_.ok()) {
+      Finish(cstatus_);
+      return;
+    }
+    if (info_.kind == Kind::kStatus && !cancelled_) {
+      std::string request = ToString(request_);
+      std::string response = ToString(response_);
+      if (proxy_->interceptor_->StatusNeedsRecovery(info_.version, request, response)) {
+        StartIntercepted([this, request = std::move(request), response = std::move(response)] {
+          return proxy_->interceptor_->RecoverStatus(info_.version, request, response, CallOpts());
+        });
+        return;
+      }
+    }
+    ++ops_;
+    final_code_ = grpc::StatusCode::OK;
+    stream_.WriteAndFinish(response_, grpc::WriteOptions(), grpc::Status::OK, &sfinish_tag_);
+  }
+
+  CallOptions CallOpts() {
+    CallOptions o;
+    o.deadline = sctx_.deadline();
+    for (const auto& [k, v] : sctx_.client_metadata()) {
+      if (Forwardable(k))
+        o.metadata.emplace_back(std::string(k.data(), k.size()), std::string(v.data(), v.size()));
+    }
+    o.cancellation = &cancellation_;
+    return o;
+  }
+
+  // Runs `work` on a worker thread, which then finishes the call. The Finish it issues is
+  // counted here, on the completion-queue thread, before the worker exists.
+  void StartIntercepted(std::function<InterceptResult()> work) {
+    ++ops_;
+    bool started = proxy_->StartWorker([this, work = std::move(work)] {
+      InterceptResult r = work();
+      final_code_ = r.status.error_code();
+      if (r.status.ok()) {
+        response_ = ToByteBuffer(r.response);
+        stream_.WriteAndFinish(response_, grpc::WriteOptions(), grpc::Status::OK, &sfinish_tag_);
+      } else {
+        stream_.Finish(r.status, &sfinish_tag_);
+      }
+      // `this` may be deleted from here on.
+    });
+    if (!started) {
+      --ops_;
+      Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                          "registry-proxy: too many pulls in progress"));
+    }
+  }
+
+  // --- streams -------------------------------------------------------------------------------
+
+  void OnClientStarted(bool ok) {
+    if (!ok) {  // the upstream call could not start; Finish says why
+      FinishClientStream();
+      return;
+    }
+    ++ops_;
+    stream_.Read(&request_, &sread_tag_);
+    ++ops_;
+    cstream_->Read(&response_, &cread_tag_);
+  }
+
+  void OnStreamRequest(bool ok) {
+    if (client_finishing_ || client_finished_) return;
+    if (!ok) {  // the caller half-closed (or went away: the done tag cancels upstream)
+      ++ops_;
+      cstream_->WritesDone(&cwritesdone_tag_);
+      return;
+    }
+    ++ops_;
+    cstream_->Write(request_, &cwrite_tag_);
+  }
+
+  void OnClientWrote(bool ok) {
+    // Not ok: upstream ended the call; the outstanding Read will say how.
+    if (!ok || client_finishing_ || client_finished_ || server_finishing_) return;
+    ++ops_;
+    stream_.Read(&request_, &sread_tag_);
+  }
+
+  void OnClientWritesDone(bool /*ok*/) {}
+
+  void OnStreamResponse(bool ok) {
+    if (!ok) {
+      FinishClientStream();
+      return;
+    }
+    CopyInitialMetadata();
+    ++ops_;
+    stream_.Write(response_, &swrite_tag_);
+  }
+
+  void OnServerWrote(bool ok) {
+    if (!ok) {  // the caller is gone: stop upstream too
+      cctx_.TryCancel();
+      FinishClientStream();
+      return;
+    }
+    ++ops_;
+    cstream_->Read(&response_, &cread_tag_);
+  }
+
+  void FinishClientStream() {
+    if (client_finishing_) return;
+    client_finishing_ = true;
+    ++ops_;
+    cstream_->Finish(&cstatus_, &cfinish_tag_);
+  }
+
+  void OnStreamFinished(bool /*ok*/) {
+    client_finished_ = true;
+    CopyServerMetadata();
+    Finish(cstatus_);
+  }
+
+  void OnClientFinished(bool ok) {
+    if (info_.kind == Kind::kStream) {
+      OnStreamFinished(ok);
+    } else {
+      OnUnaryResponse(ok);
+    }
+  }
+
+  // --- end -----------------------------------------------------------------------------------
+
+  void CopyInitialMetadata() {
+    if (initial_metadata_copied_) return;
+    initial_metadata_copied_ = true;
+    for (const auto& [k, v] : cctx_.GetServerInitialMetadata()) {
+      if (Forwardable(k))
+        sctx_.AddInitialMetadata(std::string(k.data(), k.size()), std::string(v.data(), v.size()));
+    }
+  }
+
+  void CopyServerMetadata() {
+    CopyInitialMetadata();
+    for (const auto& [k, v] : cctx_.GetServerTrailingMetadata()) {
+      if (Forwardable(k))
+        sctx_.AddTrailingMetadata(std::string(k.data(), k.size()), std::string(v.data(), v.size()));
+    }
+  }
+
+  void Finish(const grpc::Status& status) {
+    server_finishing_ = true;
+    final_code_ = status.error_code();
+    ++ops_;
+    stream_.Finish(status, &sfinish_tag_);
+  }
+
+  void OnServerFinished(bool /*ok*/) { server_finished_ = true; }
+
+  void MaybeDelete() {
+    if (ops_ > 0) return;
+    if (requested_ && (!done_ || !server_finished_)) return;
+    if (requested_ && proxy_->observer_) {
+      proxy_->observer_->OnCallDone(sctx_.method(), final_code_,
+                                    std::chrono::steady_clock::now() - started_);
+    }
+    delete this;
+  }
+
+  CriProxy* const proxy_;
+  grpc::GenericServerContext sctx_;
+  grpc::GenericServerAsyncReaderWriter stream_;
+  grpc::ClientContext cctx_;
+  std::unique_ptr<grpc::GenericClientAsyncReaderWriter> cstream_;
+  std::unique_ptr<grpc::GenericClientAsyncResponseReader> unary_;
+  grpc::ByteBuffer request_, response_;
+  grpc::Status cstatus_;
+  Cancellation cancellation_;
+  MethodInfo info_{Kind::kStream, CriVersion::kV1};
+  std::chrono::steady_clock::time_point started_;
+  grpc::StatusCode final_code_ = grpc::StatusCode::UNKNOWN;
+
+  int ops_ = 0;  // operations started and not yet completed
+  bool requested_ = false;
+  bool done_ = false;
+  bool cancelled_ = false;
+  bool initial_metadata_copied_ = false;
+  bool client_finishing_ = false;
+  bool client_finished_ = false;
+  bool server_finishing_ = false;
+  bool server_finished_ = false;
+
+  Tag request_tag_{this, &Call::OnRequested};
+  Tag done_tag_{this, &Call::OnDone};
+  Tag sread_tag_{this, &Call::OnRead};
+  Tag swrite_tag_{this, &Call::OnServerWrote};
+  Tag sfinish_tag_{this, &Call::OnServerFinished};
+  Tag cstart_tag_{this, &Call::OnClientStarted};
+  Tag cread_tag_{this, &Call::OnStreamResponse};
+  Tag cwrite_tag_{this, &Call::OnClientWrote};
+  Tag cwritesdone_tag_{this, &Call::OnClientWritesDone};
+  Tag cfinish_tag_{this, &Call::OnClientFinished};
+
+  void OnRead(bool ok) {
+    if (info_.kind == Kind::kStream) {
+      OnStreamRequest(ok);
+    } else {
+      OnUnaryRequest(ok);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+
+Result<std::string> UnixSocketPath(std::string_view endpoint) {
+  std::string_view path = endpoint;
+  if (path.substr(0, 7) == "unix://") path.remove_prefix(7);
+  if (path.empty() || path[0] != '/') {
+    return Status::Error("'" + std::string(endpoint) +
+                         "' is not a unix socket: want unix:///absolute/path");
+  }
+  if (path.size() >= sizeof(sockaddr_un::sun_path)) {
+    return Status::Error("socket path '" + std::string(path) + "' is too long");
+  }
+  return std::string(path);
+}
+
+std::shared_ptr<grpc::Channel> MakeUpstreamChannel(const std::string& endpoint,
+                                                   int max_message_bytes) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(max_message_bytes);
+  args.SetMaxSendMessageSize(max_message_bytes);
+  // containerd restarts take seconds; come back within one of it being up again.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  std::string target = endpoint.rfind("unix:", 0) == 0 ? endpoint : "unix://" + endpoint;
+  return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+}
+
+namespace {
+
+// Is something serving on this unix socket? (A stale file from a crashed daemon answers
+// ECONNREFUSED; a live daemon accepts.)
+bool SocketAnswers(const std::string& path) {
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  bool answers = connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+  close(fd);
+  return answers;
+}
+
+Status PrepareSocketPath(const std::string& path) {
+  namespace fs = std::filesystem;
+  fs::path dir = fs::path(path).parent_path();
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) {
+    if (!fs::create_directories(dir, ec)) {
+      return Status::Error("cannot create " + dir.string() + ": " + ec.message());
+    }
+    // Only root (and kubelet, as root) reaches the socket; the directory says so first.
+    if (chmod(dir.c_str(), 0700) != 0) {
+      return Status::Error("cannot chmod " + dir.string() + ": " + std::strerror(errno));
+    }
+  }
+  struct stat st {};
+  if (lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) {
+      return Status::Error(path + " exists and is not a socket; not replacing it");
+    }
+    if (SocketAnswers(path)) {
+      return Status::Error(path + " is in use: another process answers on it");
+    }
+    if (unlink(path.c_str()) != 0) {
+      return Status::Error("cannot remove stale socket " + path + ": " + std::strerror(errno));
+    }
+    spdlog::info("replaced stale socket {}", path);
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+CriProxy::CriProxy(ProxyOptions options, std::shared_ptr<grpc::Channel> upstream,
+                   ImageInterceptor* interceptor, CallObserver* observer)
+    : options_(std::move(options)),
+      upstream_(std::move(upstream)),
+      stub_(upstream_),
+      interceptor_(interceptor),
+      observer_(observer) {}
+
+CriProxy::~CriProxy() { Shutdown(std::chrono::milliseconds(0)); }
+
+Status CriProxy::Start() {
+  auto path = UnixSocketPath(options_.listen);
+  if (!path.ok()) return path.status();
+  socket_path_ = *path;
+  if (Status s = PrepareSocketPath(socket_path_); !s.ok()) return s;
+
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("unix://" + socket_path_, grpc::InsecureServerCredentials());
+  builder.RegisterAsyncGenericService(&service_);
+  builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
+  builder.SetMaxSendMessageSize(options_.max_message_bytes);
+  cq_ = builder.AddCompletionQueue();
+  server_ = builder.BuildAndStart();
+  if (!server_) return Status::Error("cannot listen on " + socket_path_);
+  if (chmod(socket_path_.c_str(), 0660) != 0) {
+    spdlog::warn("cannot chmod {}: {}", socket_path_, std::strerror(errno));
+  }
+  for (int i = 0; i < options_.request_slots; ++i) RequestNewCall();
+  loop_ = std::thread([this] { Loop(); });
+  return Status::Ok();
+}
+
+void CriProxy::RequestNewCall() { new Call(this); }
+
+void CriProxy::Loop() {
+  void* tag = nullptr;
+  bool ok = false;
+  while (cq_->Next(&tag, &ok)) static_cast<Call::Tag*>(tag)->Run(ok);
+}
+
+bool CriProxy::StartWorker(std::function<void()> fn) {
+  {
+    std::lock_guard<std::mutex> lock(workers_mu_);
+    if (workers_ >= options_.max_workers) return false;
+    ++workers_;
+  }
+  std::thread([this, fn = std::move(fn)] {
+    fn();
+    WorkerDone();
+  }).detach();
+  return true;
+}
+
+void CriProxy::WorkerDone() {
+  std::lock_guard<std::mutex> lock(workers_mu_);
+  if (--workers_ == 0) workers_cv_.notify_all();
+}
+
+void CriProxy::Shutdown(std::chrono::milliseconds grace) {
+  std::call_once(shutdown_once_, [&] {
+    shutting_down_ = true;
+    if (!server_) return;
+    // In-flight calls get `grace`; then gRPC cancels them, which cancels their upstream
+    // calls and pulls (the done tag), so workers end promptly.
+    server_->Shutdown(std::chrono::system_clock::now() + grace);
+    {
+      std::unique_lock<std::mutex> lock(workers_mu_);
+      workers_cv_.wait(lock, [this] { return workers_ == 0; });
+    }
+    cq_->Shutdown();
+    if (loop_.joinable()) loop_.join();
+    unlink(socket_path_.c_str());
+  });
+}
+
+}  // namespace registry_proxy

@@ -1,0 +1,574 @@
+// The proxy core against a scripted upstream gRPC server on a unix socket: every shape of
+// call, metadata, deadlines, status details, cancellation, interception, upstream restarts.
+// (The end-to-end tests against a real containerd are in tests/integration.)
+#include "cri_proxy.h"
+
+#include <gmock/gmock.h>
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace registry_proxy {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+using namespace std::chrono_literals;
+
+std::string ToString(const grpc::ByteBuffer& bb) {
+  std::vector<grpc::Slice> slices;
+  std::string out;
+  EXPECT_TRUE(bb.Dump(&slices).ok());
+  for (const auto& s : slices) out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  return out;
+}
+
+grpc::ByteBuffer Bytes(const std::string& s) {
+  grpc::Slice slice(s);
+  return grpc::ByteBuffer(&slice, 1);
+}
+
+std::string Md(const std::multimap<grpc::string_ref, grpc::string_ref>& md, const std::string& k) {
+  auto it = md.find(k);
+  return it == md.end() ? "" : std::string(it->second.data(), it->second.size());
+}
+
+// The upstream: behaviour chosen by method name.
+//   /test.Echo/Unary, /runtime.v1.RuntimeService/Version: echo one message; copies x-in to the
+//     x-out initial header and x-trailer trailer; x-fail makes it fail with that code.
+//   /runtime.v1.RuntimeService/GetContainerEvents: reads one message, sends "ev0".."evN-1"
+//     (N = the request's text), then OK.
+//   /test.Echo/Bidi: echoes every message with a "re:" prefix until half-close.
+//   /test.Echo/Hang: never answers; records cancellation.
+//   /test.Echo/Deadline: answers with the remaining deadline in ms.
+class FakeUpstream {
+ public:
+  explicit FakeUpstream(std::string path, int max_message = -2)
+      : path_(std::move(path)), max_message_(max_message) {
+    Start();
+  }
+  ~FakeUpstream() { Stop(); }
+
+  void Start() {
+    grpc::ServerBuilder b;
+    b.AddListeningPort("unix://" + path_, grpc::InsecureServerCredentials());
+    if (max_message_ != -2) b.SetMaxReceiveMessageSize(max_message_);
+    // A service object serves one server in its life: a restart needs a new one.
+    service_ = std::make_unique<Service>(this);
+    b.RegisterCallbackGenericService(service_.get());
+    server_ = b.BuildAndStart();
+    ASSERT_NE(server_, nullptr);
+  }
+  void Stop() {
+    if (server_) server_->Shutdown(std::chrono::system_clock::now());
+    server_.reset();
+  }
+
+  std::atomic<int> calls{0};
+  std::atomic<int> cancelled{0};
+
+ private:
+  class Reactor : public grpc::ServerGenericBidiReactor {
+   public:
+    Reactor(FakeUpstream* up, grpc::GenericCallbackServerContext* ctx) : up_(up), ctx_(ctx) {
+      up_->calls++;
+      method_ = ctx->method();
+      if (method_ == "/test.Echo/Hang") {
+        StartRead(&in_);
+        return;
+      }
+      if (method_ == "/test.Echo/Deadline") {
+        auto left = ctx->deadline() - std::chrono::system_clock::now();
+        bool none = ctx->deadline() == std::chrono::system_clock::time_point::max();
+        out_ =
+            Bytes(none ? "none"
+                       : std::to_string(
+                             std::chrono::duration_cast<std::chrono::milliseconds>(left).count()));
+        StartWriteAndFinish(&out_, grpc::WriteOptions(), grpc::Status::OK);
+        return;
+      }
+      StartRead(&in_);
+    }
+    void OnReadDone(bool ok) override {
+      if (method_ == "/test.Echo/Hang") return;  // wait for cancellation
+      if (method_ == "/test.Echo/Bidi") {
+        if (!ok) {
+          Finish(grpc::Status::OK);
+          return;
+        }
+        out_ = Bytes("re:" + ToString(in_));
+        StartWrite(&out_);
+        return;
+      }
+      if (method_ == "/runtime.v1.RuntimeService/GetContainerEvents") {
+        if (!ok) return Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "no request"));
+        events_ = std::stoi(ToString(in_));
+        NextEvent();
+        return;
+      }
+      // Unary echo.
+      if (!ok) return Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "no request"));
+      const auto& md = ctx_->client_metadata();
+      std::string in = Md(md, "x-in");
+      if (!in.empty()) ctx_->AddInitialMetadata("x-out", in);
+      ctx_->AddTrailingMetadata("x-trailer", "t-" + in);
+      std::string fail = Md(md, "x-fail");
+      if (!fail.empty()) {
+        Finish(grpc::Status(static_cast<grpc::StatusCode>(std::stoi(fail)),
+                            "upstream says no: " + in, "details-bytes"));
+        return;
+      }
+      out_ = in_;
+      StartWriteAndFinish(&out_, grpc::WriteOptions(), grpc::Status::OK);
+    }
+    void NextEvent() {
+      if (sent_ == events_) return Finish(grpc::Status::OK);
+      out_ = Bytes("ev" + std::to_string(sent_++));
+      StartWrite(&out_);
+    }
+    void OnWriteDone(bool ok) override {
+      if (!ok) return;
+      if (method_ == "/test.Echo/Bidi") {
+        StartRead(&in_);
+      } else if (method_ == "/runtime.v1.RuntimeService/GetContainerEvents") {
+        NextEvent();
+      }
+    }
+    void OnCancel() override {
+      up_->cancelled++;
+      if (method_ == "/test.Echo/Hang") Finish(grpc::Status::CANCELLED);
+    }
+    void OnDone() override { delete this; }
+
+   private:
+    FakeUpstream* up_;
+    grpc::GenericCallbackServerContext* ctx_;
+    std::string method_;
+    grpc::ByteBuffer in_, out_;
+    int events_ = 0, sent_ = 0;
+  };
+
+  class Service : public grpc::CallbackGenericService {
+   public:
+    explicit Service(FakeUpstream* up) : up_(up) {}
+    grpc::ServerGenericBidiReactor* CreateReactor(
+        grpc::GenericCallbackServerContext* ctx) override {
+      return new Reactor(up_, ctx);
+    }
+
+   private:
+    FakeUpstream* up_;
+  };
+
+  std::string path_;
+  int max_message_;
+  std::unique_ptr<Service> service_;
+  std::unique_ptr<grpc::Server> server_;
+};
+
+// Intercepts pulls and status misses, scripted by the test.
+class FakeInterceptor : public ImageInterceptor {
+ public:
+  InterceptResult PullImage(CriVersion v, const std::string& request,
+                            const CallOptions& opts) override {
+    pulls++;
+    last_version = v;
+    last_request = request;
+    last_metadata = opts.metadata;
+    if (block_pulls) {
+      // Like a pull that takes minutes: only the caller's cancellation ends it.
+      while (!opts.cancellation->cancelled()) std::this_thread::sleep_for(1ms);
+      pull_saw_cancel++;
+      return {grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"), ""};
+    }
+    return {grpc::Status::OK, "pulled:" + request};
+  }
+  bool StatusNeedsRecovery(CriVersion, const std::string&, const std::string& response) override {
+    return response == "miss";
+  }
+  InterceptResult RecoverStatus(CriVersion, const std::string& request, const std::string&,
+                                const CallOptions&) override {
+    recovered++;
+    return {grpc::Status::OK, "recovered:" + request};
+  }
+
+  std::atomic<int> pulls{0}, recovered{0}, pull_saw_cancel{0};
+  std::atomic<bool> block_pulls{false};
+  CriVersion last_version = CriVersion::kV1;
+  std::string last_request;
+  std::vector<std::pair<std::string, std::string>> last_metadata;
+};
+
+class ProxyTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string tmpl = (fs::temp_directory_path() / "rp-proxy-XXXXXX").string();
+    dir_ = mkdtemp(tmpl.data());
+    upstream_path_ = (dir_ / "upstream.sock").string();
+    listen_path_ = (dir_ / "run" / "proxy.sock").string();
+    upstream_ = std::make_unique<FakeUpstream>(upstream_path_);
+  }
+  void TearDown() override {
+    proxy_.reset();
+    upstream_.reset();
+    fs::remove_all(dir_);
+  }
+
+  void StartProxy(ImageInterceptor* interceptor = nullptr) {
+    ProxyOptions o;
+    o.listen = "unix://" + listen_path_;
+    o.upstream = "unix://" + upstream_path_;
+    proxy_ = std::make_unique<CriProxy>(o, MakeUpstreamChannel(o.upstream, o.max_message_bytes),
+                                        interceptor, nullptr);
+    Status s = proxy_->Start();
+    ASSERT_TRUE(s.ok()) << s.message();
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(64 << 20);  // as kubelet raises it (to 16 MiB)
+    channel_ = grpc::CreateCustomChannel("unix://" + listen_path_,
+                                         grpc::InsecureChannelCredentials(), args);
+  }
+
+  struct Reply {
+    grpc::Status status;
+    std::string body;
+    std::multimap<grpc::string_ref, grpc::string_ref> initial, trailing;
+    std::string out_header, trailer;
+  };
+
+  Reply Unary(const std::string& method, const std::string& body,
+              std::vector<std::pair<std::string, std::string>> md = {},
+              std::chrono::milliseconds timeout = 10s) {
+    grpc::GenericStub stub(channel_);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + timeout);
+    for (auto& [k, v] : md) ctx.AddMetadata(k, v);
+    grpc::ByteBuffer in = Bytes(body), out;
+    std::promise<grpc::Status> done;
+    stub.UnaryCall(&ctx, method, grpc::StubOptions(), &in, &out,
+                   [&](grpc::Status s) { done.set_value(s); });
+    Reply r;
+    r.status = done.get_future().get();
+    if (r.status.ok()) r.body = ToString(out);
+    r.out_header = Md(ctx.GetServerInitialMetadata(), "x-out");
+    r.trailer = Md(ctx.GetServerTrailingMetadata(), "x-trailer");
+    return r;
+  }
+
+  fs::path dir_;
+  std::string upstream_path_, listen_path_;
+  std::unique_ptr<FakeUpstream> upstream_;
+  std::unique_ptr<CriProxy> proxy_;
+  std::shared_ptr<grpc::Channel> channel_;
+};
+
+TEST_F(ProxyTest, UnaryPassthroughKeepsBytesAndMetadata) {
+  StartProxy();
+  for (const char* method : {"/runtime.v1.RuntimeService/Version", "/test.Echo/Unary"}) {
+    std::string body(
+        "\x0a\x03"
+        "abc\xff\x00tail",
+        10);
+    Reply r = Unary(method, body, {{"x-in", "hello"}});
+    ASSERT_TRUE(r.status.ok()) << method << ": " << r.status.error_message();
+    EXPECT_EQ(r.body, body) << method;
+    EXPECT_EQ(r.out_header, "hello") << method;
+    EXPECT_EQ(r.trailer, "t-hello") << method;
+  }
+}
+
+TEST_F(ProxyTest, ErrorsPassUnchanged) {
+  StartProxy();
+  for (const char* method : {"/runtime.v1.RuntimeService/Version", "/test.Echo/Unary"}) {
+    Reply r = Unary(method, "x", {{"x-in", "v"}, {"x-fail", "5"}});
+    EXPECT_EQ(r.status.error_code(), grpc::StatusCode::NOT_FOUND) << method;
+    EXPECT_EQ(r.status.error_message(), "upstream says no: v") << method;
+    EXPECT_EQ(r.status.error_details(), "details-bytes") << method;
+    EXPECT_EQ(r.trailer, "t-v") << method;
+  }
+}
+
+TEST_F(ProxyTest, DeadlinePropagates) {
+  StartProxy();
+  Reply r = Unary("/test.Echo/Deadline", "", {}, 5s);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  int left = std::stoi(r.body);
+  EXPECT_GT(left, 3000);
+  EXPECT_LE(left, 5100);  // grpc-timeout rounds up to its unit
+}
+
+TEST_F(ProxyTest, ServerStreamingPassthrough) {
+  StartProxy();
+  grpc::GenericStub stub(channel_);
+  grpc::CompletionQueue cq;
+  grpc::ClientContext ctx;
+  auto call = stub.PrepareCall(&ctx, "/runtime.v1.RuntimeService/GetContainerEvents", &cq);
+  void* tag;
+  bool ok;
+  call->StartCall(reinterpret_cast<void*>(1));
+  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  grpc::ByteBuffer req = Bytes("50");
+  call->Write(req, reinterpret_cast<void*>(2));
+  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  call->WritesDone(reinterpret_cast<void*>(3));
+  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  std::vector<std::string> got;
+  while (true) {
+    grpc::ByteBuffer msg;
+    call->Read(&msg, reinterpret_cast<void*>(4));
+    ASSERT_TRUE(cq.Next(&tag, &ok));
+    if (!ok) break;
+    got.push_back(ToString(msg));
+  }
+  grpc::Status status;
+  call->Finish(&status, reinterpret_cast<void*>(5));
+  ASSERT_TRUE(cq.Next(&tag, &ok));
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  ASSERT_EQ(got.size(), 50u);
+  EXPECT_EQ(got.front(), "ev0");
+  EXPECT_EQ(got.back(), "ev49");
+}
+
+TEST_F(ProxyTest, UnknownMethodIsPumpedBothWays) {
+  StartProxy();
+  grpc::GenericStub stub(channel_);
+  grpc::CompletionQueue cq;
+  grpc::ClientContext ctx;
+  auto call = stub.PrepareCall(&ctx, "/test.Echo/Bidi", &cq);
+  void* tag;
+  bool ok;
+  call->StartCall(nullptr);
+  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  for (int i = 0; i < 20; ++i) {
+    grpc::ByteBuffer out = Bytes("m" + std::to_string(i)), in;
+    call->Write(out, nullptr);
+    ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+    call->Read(&in, nullptr);
+    ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+    EXPECT_EQ(ToString(in), "re:m" + std::to_string(i));
+  }
+  call->WritesDone(nullptr);
+  ASSERT_TRUE(cq.Next(&tag, &ok) && ok);
+  grpc::ByteBuffer last;
+  call->Read(&last, nullptr);
+  ASSERT_TRUE(cq.Next(&tag, &ok));
+  EXPECT_FALSE(ok);
+  grpc::Status status;
+  call->Finish(&status, nullptr);
+  ASSERT_TRUE(cq.Next(&tag, &ok));
+  EXPECT_TRUE(status.ok()) << status.error_message();
+}
+
+TEST_F(ProxyTest, CancellationReachesUpstream) {
+  StartProxy();
+  for (const char* method : {"/test.Echo/Hang"}) {
+    Reply r = Unary(method, "x", {}, 300ms);
+    EXPECT_EQ(r.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  }
+  // The upstream saw its call cancelled (deadline propagated or cancellation forwarded).
+  for (int i = 0; i < 200 && upstream_->cancelled.load() == 0; ++i)
+    std::this_thread::sleep_for(10ms);
+  EXPECT_GE(upstream_->cancelled.load(), 1);
+}
+
+TEST_F(ProxyTest, PullIsInterceptedAndNeverBlocksOtherCalls) {
+  FakeInterceptor icpt;
+  icpt.block_pulls = true;
+  StartProxy(&icpt);
+  // A pull that never ends by itself, on a background thread.
+  auto pull = std::async(std::launch::async, [&] {
+    return Unary("/runtime.v1.ImageService/PullImage", "req", {{"x-in", "md"}}, 2s);
+  });
+  for (int i = 0; i < 500 && icpt.pulls.load() == 0; ++i) std::this_thread::sleep_for(2ms);
+  ASSERT_EQ(icpt.pulls.load(), 1);
+  // Meanwhile other calls go through at once.
+  auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < 50; ++i) {
+    ASSERT_TRUE(Unary("/runtime.v1.RuntimeService/Version", "v").status.ok());
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 1500ms);
+  // The caller's deadline cancels the pull.
+  Reply r = pull.get();
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  for (int i = 0; i < 500 && icpt.pull_saw_cancel.load() == 0; ++i)
+    std::this_thread::sleep_for(2ms);
+  EXPECT_EQ(icpt.pull_saw_cancel.load(), 1);
+  bool saw_md = false;
+  for (auto& [k, v] : icpt.last_metadata) saw_md |= (k == "x-in" && v == "md");
+  EXPECT_TRUE(saw_md);
+}
+
+TEST_F(ProxyTest, PullResultAndVersions) {
+  FakeInterceptor icpt;
+  StartProxy(&icpt);
+  Reply r = Unary("/runtime.v1alpha2.ImageService/PullImage", "abc");
+  ASSERT_TRUE(r.status.ok());
+  EXPECT_EQ(r.body, "pulled:abc");
+  EXPECT_EQ(icpt.last_version, CriVersion::kV1alpha2);
+  Reply v1 = Unary("/runtime.v1.ImageService/PullImage", "xyz");
+  EXPECT_EQ(v1.body, "pulled:xyz");
+  EXPECT_EQ(icpt.last_version, CriVersion::kV1);
+}
+
+TEST_F(ProxyTest, StatusMissIsRecoveredHitPassesThrough) {
+  FakeInterceptor icpt;
+  StartProxy(&icpt);
+  // The fake upstream echoes the request: "miss" comes back as the response.
+  Reply miss = Unary("/runtime.v1.ImageService/ImageStatus", "miss");
+  EXPECT_EQ(miss.body, "recovered:miss");
+  Reply hit = Unary("/runtime.v1.ImageService/ImageStatus", "hit");
+  EXPECT_EQ(hit.body, "hit");
+  EXPECT_EQ(icpt.recovered.load(), 1);
+}
+
+TEST_F(ProxyTest, WithoutInterceptorPullIsForwarded) {
+  StartProxy(nullptr);
+  Reply r = Unary("/runtime.v1.ImageService/PullImage", "abc");
+  ASSERT_TRUE(r.status.ok());
+  EXPECT_EQ(r.body, "abc");
+}
+
+TEST_F(ProxyTest, UpstreamDownFailsFastAndRecovers) {
+  StartProxy();
+  ASSERT_TRUE(Unary("/test.Echo/Unary", "a").status.ok());
+  upstream_->Stop();
+  auto start = std::chrono::steady_clock::now();
+  Reply down = Unary("/test.Echo/Unary", "a", {}, 10s);
+  EXPECT_EQ(down.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 3s);
+  upstream_->Start();
+  grpc::Status last;
+  for (int i = 0; i < 100; ++i) {
+    last = Unary("/test.Echo/Unary", "b", {}, 2s).status;
+    if (last.ok()) break;
+    std::this_thread::sleep_for(50ms);
+  }
+  EXPECT_TRUE(last.ok()) << last.error_message();
+}
+
+TEST_F(ProxyTest, ConcurrentCallsFromManyThreads) {
+  StartProxy();
+  std::vector<std::thread> threads;
+  std::atomic<int> ok{0};
+  for (int t = 0; t < 16; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 50; ++i) {
+        std::string body = std::to_string(t) + ":" + std::to_string(i);
+        Reply r = Unary("/runtime.v1.RuntimeService/Version", body);
+        if (r.status.ok() && r.body == body) ok++;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(ok.load(), 16 * 50);
+}
+
+TEST_F(ProxyTest, LargeMessages) {
+  upstream_->Stop();
+  upstream_ = std::make_unique<FakeUpstream>(upstream_path_, 64 << 20);
+  StartProxy();
+  // Over gRPC's 4 MiB default and over containerd's 16 MiB: the proxy is never the limit.
+  std::string big(20 << 20, 'x');
+  big[12345] = 'y';
+  Reply r = Unary("/test.Echo/Unary", big);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.body, big);
+}
+
+TEST_F(ProxyTest, UpstreamLimitErrorComesBackUnchanged) {
+  StartProxy();  // the fake upstream keeps gRPC's default 4 MiB limit
+  Reply r = Unary("/test.Echo/Unary", std::string(6 << 20, 'x'), {}, 5s);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(r.status.error_message(), HasSubstr("larger than max"));
+}
+
+TEST_F(ProxyTest, SocketModesAndStaleSocket) {
+  StartProxy();
+  struct stat st {};
+  ASSERT_EQ(stat(listen_path_.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0660u);
+  ASSERT_EQ(stat(fs::path(listen_path_).parent_path().c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0700u);
+
+  // A second proxy on the same socket refuses: somebody answers there.
+  ProxyOptions o;
+  o.listen = listen_path_;
+  o.upstream = upstream_path_;
+  CriProxy second(o, MakeUpstreamChannel(o.upstream, o.max_message_bytes), nullptr, nullptr);
+  Status s = second.Start();
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("in use"));
+
+  // After the first stops, a stale socket file is replaced.
+  proxy_->Shutdown(0ms);
+  proxy_.reset();
+  // Leave a stale socket behind, as a crashed daemon does: bound, closed, never unlinked.
+  {
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, listen_path_.c_str(), sizeof(addr.sun_path) - 1);
+    ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    close(fd);
+    ASSERT_TRUE(fs::exists(listen_path_));
+  }
+  StartProxy();
+  EXPECT_TRUE(Unary("/test.Echo/Unary", "again").status.ok());
+}
+
+TEST_F(ProxyTest, RefusesToReplaceANonSocket) {
+  fs::create_directories(fs::path(listen_path_).parent_path());
+  { std::ofstream(listen_path_) << "precious"; }
+  ProxyOptions o;
+  o.listen = listen_path_;
+  o.upstream = upstream_path_;
+  CriProxy p(o, MakeUpstreamChannel(o.upstream, o.max_message_bytes), nullptr, nullptr);
+  Status s = p.Start();
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("not a socket"));
+}
+
+TEST_F(ProxyTest, GracefulShutdownLetsInFlightCallsFinish) {
+  FakeInterceptor icpt;
+  icpt.block_pulls = true;
+  StartProxy(&icpt);
+  auto pull = std::async(std::launch::async, [&] {
+    return Unary("/runtime.v1.ImageService/PullImage", "req", {}, 20s);
+  });
+  for (int i = 0; i < 500 && icpt.pulls.load() == 0; ++i) std::this_thread::sleep_for(2ms);
+  auto start = std::chrono::steady_clock::now();
+  proxy_->Shutdown(200ms);  // the pull does not finish in time: it is cancelled
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+  Reply r = pull.get();
+  EXPECT_FALSE(r.status.ok());
+  EXPECT_EQ(icpt.pull_saw_cancel.load(), 1);
+  EXPECT_FALSE(fs::exists(listen_path_));
+}
+
+TEST(UnixSocketPathTest, Parse) {
+  EXPECT_EQ(UnixSocketPath("unix:///run/x.sock").value(), "/run/x.sock");
+  EXPECT_EQ(UnixSocketPath("/run/x.sock").value(), "/run/x.sock");
+  EXPECT_FALSE(UnixSocketPath("unix://relative").ok());
+  EXPECT_FALSE(UnixSocketPath("tcp://1.2.3.4:5").ok());
+  EXPECT_FALSE(UnixSocketPath("/" + std::string(200, 'a')).ok());
+}
+
+}  // namespace
+}  // namespace registry_proxy
