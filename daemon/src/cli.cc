@@ -13,8 +13,11 @@
 #include <string>
 #include <vector>
 
+#include "cli_args.h"
+#include "client_cmds.h"
 #include "config.h"
 #include "config_store.h"
+#include "serve.h"
 #include "signals.h"
 #include "version.h"
 
@@ -22,70 +25,6 @@ namespace registry_proxy {
 namespace {
 
 constexpr char kDefaultConfigPath[] = "/etc/registry-proxy/config.yaml";
-
-// ---------------------------------------------------------------------------------------------
-// A small flag parser: --flag value, --flag=value, short aliases, boolean switches,
-// positionals. Anything unknown is a usage error.
-
-struct FlagSpec {
-  std::string name;   // "--namespace"
-  std::string alias;  // "-n" or ""
-  bool takes_value = true;
-};
-
-struct ParsedArgs {
-  std::map<std::string, std::string> values;  // by long name; "" for switches
-  std::vector<std::string> positional;
-  bool Has(const std::string& name) const { return values.count(name) != 0; }
-  std::optional<std::string> Get(const std::string& name) const {
-    auto it = values.find(name);
-    if (it == values.end()) return std::nullopt;
-    return it->second;
-  }
-};
-
-std::optional<ParsedArgs> ParseArgs(const std::vector<std::string>& args,
-                                    const std::vector<FlagSpec>& specs, std::ostream& err) {
-  ParsedArgs out;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const std::string& a = args[i];
-    if (a == "--") {
-      out.positional.insert(out.positional.end(), args.begin() + i + 1, args.end());
-      break;
-    }
-    if (a.size() < 2 || a[0] != '-') {
-      out.positional.push_back(a);
-      continue;
-    }
-    std::string name = a, value;
-    bool inline_value = false;
-    if (size_t eq = a.find('='); a.rfind("--", 0) == 0 && eq != std::string::npos) {
-      name = a.substr(0, eq);
-      value = a.substr(eq + 1);
-      inline_value = true;
-    }
-    const FlagSpec* spec = nullptr;
-    for (const auto& s : specs) {
-      if (s.name == name || (!s.alias.empty() && s.alias == name)) spec = &s;
-    }
-    if (!spec) {
-      err << "unknown flag '" << name << "'\n";
-      return std::nullopt;
-    }
-    if (spec->takes_value && !inline_value) {
-      if (i + 1 >= args.size()) {
-        err << "flag " << spec->name << " needs a value\n";
-        return std::nullopt;
-      }
-      value = args[++i];
-    } else if (!spec->takes_value && inline_value) {
-      err << "flag " << spec->name << " takes no value\n";
-      return std::nullopt;
-    }
-    out.values[spec->name] = value;
-  }
-  return out;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Config selection shared by the subcommands that decide: --config FILE, else the node's
@@ -312,9 +251,14 @@ constexpr char kMainHelp[] =
 Usage: registry-proxy COMMAND [ARGS...]
 
 Commands:
+  serve                 the node daemon: the CRI shim between kubelet and containerd
   resolve IMAGE...      explain where IMAGE will be pulled from, and why
   check-config FILE     validate a config file (errors with line and column)
   watch-config FILE     load a config and follow its changes as the daemon does
+  pull IMAGE            pull through a CRI socket as kubelet does (-n NS for pod metadata)
+  images                list the images a CRI runtime knows
+  status IMAGE          show a CRI runtime's status of IMAGE (exit 1 if absent)
+  remove IMAGE          remove IMAGE (by id: every name) from a CRI runtime
   version               print the version
 
 Run 'registry-proxy COMMAND --help' for a command's flags.
@@ -342,9 +286,9 @@ int RunCli(int argc, char** argv, std::ostream& out, std::ostream& err) {
   }
   using Command = std::function<int(const std::vector<std::string>&, std::ostream&, std::ostream&)>;
   static const std::map<std::string, Command> kCommands = {
-      {"resolve", Resolve},
-      {"check-config", CheckConfig},
-      {"watch-config", WatchConfig},
+      {"serve", CmdServe},           {"resolve", Resolve},  {"check-config", CheckConfig},
+      {"watch-config", WatchConfig}, {"pull", CmdPull},     {"images", CmdImages},
+      {"status", CmdStatus},         {"remove", CmdRemove},
   };
   auto it = kCommands.find(cmd);
   if (it == kCommands.end()) {

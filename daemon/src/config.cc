@@ -25,7 +25,6 @@
 #include <cstdint>
 #include <deque>
 #include <initializer_list>
-#include <limits>
 #include <map>
 #include <new>
 #include <optional>
@@ -93,6 +92,26 @@ std::string Escape(std::string_view s) {
       out.push_back(kHex[c & 0xf]);
     } else {
       out.push_back(static_cast<char>(c));
+    }
+  }
+  return out;
+}
+
+// Messages from other modules may quote input raw; ErrorText is one line per error.
+std::string OneLine(std::string_view s) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(s.size());
+  for (char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c == '\n') {
+      out += "\\n";
+    } else if (c < 0x20 || c == 0x7f) {
+      out += "\\x";
+      out.push_back(kHex[c >> 4]);
+      out.push_back(kHex[c & 0xf]);
+    } else {
+      out.push_back(ch);
     }
   }
   return out;
@@ -567,8 +586,9 @@ std::string Sha256Hex(std::string_view data) {
 // A value in the document, where to point at it, and its field path.
 struct Item {
   const Node* node = nullptr;
-  Pos pos;  // the value's position; its key's when the value is empty (yaml-cpp places an
-            // empty value at the next token, often on the next line)
+  // The value's position. yaml-cpp places an empty value at the next token, often on the next
+  // line, so an empty map value points at its key and an empty list item at the list.
+  Pos pos;
   std::string field;
 };
 
@@ -620,7 +640,7 @@ class Loader {
       return;
     }
     errors_.push_back(
-        ConfigError{source_, pos.line, pos.column, std::move(field), std::move(message)});
+        ConfigError{source_, pos.line, pos.column, std::move(field), OneLine(message)});
   }
   ConfigLoad Fail() {
     // The walk visits a map's keys before its values, and cross-checks come last; the file's
@@ -682,12 +702,24 @@ const Node* Loader::ParseYaml(std::string_view yaml, TreeBuilder& tree) {
       Error({}, "", "config is empty: it has no keys (write enabled: false to turn rewriting off)");
       return nullptr;
     }
-    // A second document would be ignored silently by most tools; say so instead.
-    TreeBuilder rest;
-    if (parser.HandleNextDocument(rest)) {
-      Error(rest.document_pos(), "",
-            "config has more than one YAML document (a '---' separator); keep one");
-      return nullptr;
+    // A second document would be ignored silently by most tools; say so instead. Empty ones
+    // (a trailing '---', as generated files often have) are harmless.
+    Pos last = tree.document_pos();
+    while (true) {
+      TreeBuilder rest;
+      if (!parser.HandleNextDocument(rest)) break;
+      // yaml-cpp can get stuck on junk (a leading ',') and return empty documents forever
+      // without consuming anything.
+      if (rest.document_pos().line == last.line && rest.document_pos().column == last.column) {
+        Error(last, "", "invalid YAML: cannot parse the text here");
+        return nullptr;
+      }
+      last = rest.document_pos();
+      if (rest.root() && rest.root()->kind != Node::Kind::kNull) {
+        Error(rest.document_pos(), "",
+              "config has more than one YAML document (a '---' separator); keep one");
+        return nullptr;
+      }
     }
   } catch (const StopParsing& e) {
     Error(e.pos, "", e.message);

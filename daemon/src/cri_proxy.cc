@@ -129,7 +129,10 @@ class CriProxy::Call {
                                  &request_tag_);
   }
 
-  ~Call() { proxy_->live_calls_.fetch_sub(1, std::memory_order_relaxed); }
+  ~Call() {
+    if (requested_) proxy_->active_calls_.fetch_sub(1, std::memory_order_relaxed);
+    proxy_->live_calls_.fetch_sub(1, std::memory_order_relaxed);
+  }
 
   // A completion-queue tag: which handler to run for which call.
   struct Tag {
@@ -152,6 +155,7 @@ class CriProxy::Call {
       return;
     }
     requested_ = true;
+    proxy_->active_calls_.fetch_add(1, std::memory_order_relaxed);
     started_ = std::chrono::steady_clock::now();
     ++ops_;  // the done tag, delivered once the call ends
     if (!proxy_->shutting_down_.load()) proxy_->RequestNewCall();
@@ -550,16 +554,28 @@ void CriProxy::Shutdown(std::chrono::milliseconds grace) {
   std::call_once(shutdown_once_, [&] {
     shutting_down_ = true;
     if (!server_) return;
-    // In-flight calls get `grace`; then gRPC cancels them, which cancels their upstream
-    // calls and pulls (the done tag), so workers end promptly.
-    server_->Shutdown(std::chrono::system_clock::now() + grace);
+    // New connections fail from now on (and a new daemon can bind at once); calls on open
+    // connections are still served.
+    unlink(socket_path_.c_str());
+    // Drain: wait for the calls in flight, not for idle connections (kubelet keeps one open
+    // for good, and gRPC's own Shutdown(deadline) would wait the whole grace for it).
+    auto deadline = std::chrono::steady_clock::now() + grace;
+    while (active_calls_.load() > 0 && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    if (active_calls_.load() > 0) {
+      spdlog::warn("{} call(s) still in flight after {} ms; cancelling them", active_calls_.load(),
+                   grace.count());
+    }
+    // Cancels what is left, which cancels their upstream calls and pulls (the done tag), so
+    // workers end promptly.
+    server_->Shutdown(std::chrono::system_clock::now());
     {
       std::unique_lock<std::mutex> lock(workers_mu_);
       workers_cv_.wait(lock, [this] { return workers_ == 0; });
     }
     cq_->Shutdown();
     if (loop_.joinable()) loop_.join();
-    unlink(socket_path_.c_str());
   });
 }
 

@@ -75,12 +75,13 @@ class CriProxy {
   // only if nobody answers on it), binds and starts serving.
   Status Start();
 
-  // Stops accepting calls, lets in-flight calls finish until `grace` has passed, cancels the
-  // rest, and waits for every call and worker to end. Idempotent.
+  // Removes the socket (no new connections), lets the calls in flight finish until `grace`
+  // has passed (idle connections do not hold it up), cancels the rest, and waits for every
+  // call and worker to end. Idempotent.
   void Shutdown(std::chrono::milliseconds grace);
 
   const std::string& socket_path() const { return socket_path_; }
-  int in_flight() const { return live_calls_.load(); }
+  int in_flight() const { return active_calls_.load(); }
 
  private:
   class Call;
@@ -102,7 +103,8 @@ class CriProxy {
   std::unique_ptr<grpc::Server> server_;
   std::thread loop_;
   std::atomic<bool> shutting_down_{false};
-  std::atomic<int> live_calls_{0};
+  std::atomic<int> live_calls_{0};    // Call objects, idle request slots included
+  std::atomic<int> active_calls_{0};  // calls that arrived and have not ended
 
   std::mutex workers_mu_;
   std::condition_variable workers_cv_;

@@ -67,6 +67,11 @@ class CriImageBackend {
   virtual ~CriImageBackend() = default;
   virtual grpc::Status PullImage(CriVersion v, const runtime::v1::PullImageRequest& req,
                                  const CallOptions& opts, runtime::v1::PullImageResponse* resp) = 0;
+  // The same call with the request and response as bytes, forwarded as they are: for pulls the
+  // daemon leaves alone (and requests that do not parse here), so containerd sees exactly what
+  // the caller sent and answers exactly as it would without the daemon.
+  virtual grpc::Status PullImageRaw(CriVersion v, const std::string& request,
+                                    const CallOptions& opts, std::string* response) = 0;
   virtual grpc::Status ImageStatus(CriVersion v, const runtime::v1::ImageStatusRequest& req,
                                    const CallOptions& opts,
                                    runtime::v1::ImageStatusResponse* resp) = 0;

@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -696,11 +697,18 @@ TEST(ConfigErrors, YamlSyntax) {
       OnlyError(Parse("enabled: true\n  proxies: {}\n"), 2, 10, "", "invalid YAML: illegal map"));
   EXPECT_TRUE(OnlyError(Parse("proxies:\n\t docker.io: x.example\n"), 2, 12, "", "invalid YAML"));
   EXPECT_TRUE(OnlyError(Parse("proxies: *nothing\n"), 1, 10, "", "invalid YAML"));
+  // yaml-cpp returns empty documents forever here; the loader notices it is stuck.
+  EXPECT_TRUE(OnlyError(Parse(",\nenabled: true\n"), 1, 1, "", "invalid YAML"));
 }
 
 TEST(ConfigErrors, MoreThanOneDocument) {
   EXPECT_TRUE(OnlyError(Parse("enabled: true\n---\nenabled: false\n"), 2, 1, "",
                         "more than one YAML document"));
+  EXPECT_TRUE(OnlyError(Parse("---\nenabled: true\n---\n---\n# end\n---\n[]\n"), 6, 1, "",
+                        "more than one YAML document"));
+  // Document markers around one document, and empty documents after it, are fine.
+  EXPECT_TRUE(Parse("---\nenabled: true\n...\n").ok());
+  EXPECT_TRUE(Parse("enabled: true\n---\n").ok());
 }
 
 TEST(ConfigErrors, HugeFile) {
@@ -777,6 +785,20 @@ TEST(ConfigErrors, ManyErrorsAtOnce) {
           ":9:21: excludeNamespaces[0]: bad namespace pattern 'kube_system': use "
           "lowercase letters, digits, '-', and the wildcards '*' (any run of "
           "characters) and '?' (one character)\n"));
+}
+
+TEST(ConfigErrors, OneLinePerErrorWhateverTheInput) {
+  ConfigLoad load = Parse("excludeNamespaces: [\"a\\nb\"]\n\"x\\ny\": 1\n");
+  ASSERT_EQ(load.errors.size(), 2u) << load.ErrorText();
+  EXPECT_THAT(load.errors[0].message, HasSubstr("'a\\nb'"));
+  EXPECT_EQ(load.errors[1].field, "x\\ny");
+  const std::string text = load.ErrorText();
+  EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 2);
+  // Long values are cut on a character boundary: messages stay UTF-8.
+  const std::string long_key(79, 'k');
+  load = Parse(long_key + "\xc3\xa9: 1\n");
+  ASSERT_EQ(load.errors.size(), 1u);
+  EXPECT_EQ(load.errors[0].field, long_key + "...");
 }
 
 TEST(ConfigErrors, ErrorCountIsCapped) {

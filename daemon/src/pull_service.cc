@@ -1,0 +1,500 @@
+#include "pull_service.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <map>
+#include <optional>
+#include <string_view>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "config_store.h"
+#include "policy.h"
+#include "reference.h"
+
+namespace registry_proxy {
+namespace {
+
+using std::chrono::milliseconds;
+using SteadyClock = std::chrono::steady_clock;
+
+std::string_view CodeName(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK:
+      return "OK";
+    case grpc::StatusCode::CANCELLED:
+      return "CANCELLED";
+    case grpc::StatusCode::UNKNOWN:
+      return "UNKNOWN";
+    case grpc::StatusCode::INVALID_ARGUMENT:
+      return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::NOT_FOUND:
+      return "NOT_FOUND";
+    case grpc::StatusCode::ALREADY_EXISTS:
+      return "ALREADY_EXISTS";
+    case grpc::StatusCode::PERMISSION_DENIED:
+      return "PERMISSION_DENIED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION:
+      return "FAILED_PRECONDITION";
+    case grpc::StatusCode::ABORTED:
+      return "ABORTED";
+    case grpc::StatusCode::OUT_OF_RANGE:
+      return "OUT_OF_RANGE";
+    case grpc::StatusCode::UNIMPLEMENTED:
+      return "UNIMPLEMENTED";
+    case grpc::StatusCode::INTERNAL:
+      return "INTERNAL";
+    case grpc::StatusCode::UNAVAILABLE:
+      return "UNAVAILABLE";
+    case grpc::StatusCode::DATA_LOSS:
+      return "DATA_LOSS";
+    case grpc::StatusCode::UNAUTHENTICATED:
+      return "UNAUTHENTICATED";
+    default:
+      return "UNKNOWN_CODE";
+  }
+}
+
+std::string Outcome(const grpc::Status& s) {
+  if (s.ok()) return "OK";
+  return std::string(CodeName(s.error_code())) + ": " + s.error_message();
+}
+
+// Caller-supplied text for a log line: control characters escaped (no forged lines), long
+// strings cut.
+std::string LogSafe(std::string_view s) {
+  constexpr size_t kMax = 512;
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  for (size_t i = 0; i < s.size() && i < kMax; ++i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x20 || c == 0x7f) {
+      out += "\\x";
+      out.push_back(kHex[c >> 4]);
+      out.push_back(kHex[c & 0xf]);
+    } else {
+      out.push_back(static_cast<char>(c));
+    }
+  }
+  if (s.size() > kMax) out += "...(" + std::to_string(s.size()) + " bytes)";
+  return out;
+}
+
+bool HasAuth(const runtime::v1::PullImageRequest& req) {
+  if (!req.has_auth()) return false;
+  const runtime::v1::AuthConfig& a = req.auth();
+  return !a.username().empty() || !a.password().empty() || !a.auth().empty() ||
+         !a.server_address().empty() || !a.identity_token().empty() || !a.registry_token().empty();
+}
+
+bool Cancelled(const CallOptions& opts) {
+  return opts.cancellation != nullptr && opts.cancellation->cancelled();
+}
+
+grpc::Status CancelledStatus() {
+  return grpc::Status(grpc::StatusCode::CANCELLED, "registry-proxy: the caller cancelled the pull");
+}
+
+int64_t Ms(SteadyClock::duration d) { return std::chrono::duration_cast<milliseconds>(d).count(); }
+
+// A rule's match covers `name` on whole path components.
+bool MatchCovers(std::string_view match, std::string_view name) {
+  return name.size() >= match.size() && name.substr(0, match.size()) == match &&
+         (name.size() == match.size() || name[match.size()] == '/');
+}
+
+// Logging context of one PullImage call.
+struct PullLog {
+  std::string image;
+  std::string ns;  // "-" when the request had none
+  std::string rule;
+};
+
+}  // namespace
+
+PullService::PullService(ConfigStore* store, CriImageBackend* cri, ImageRecordStore* records,
+                         Options options)
+    : PullService([store] { return store->Current(); }, cri, records, std::move(options)) {}
+
+PullService::PullService(ConfigSource config, CriImageBackend* cri, ImageRecordStore* records,
+                         Options options)
+    : config_(std::move(config)), cri_(cri), records_(records), options_(std::move(options)) {
+  if (!options_.now) options_.now = [] { return SteadyClock::now(); };
+  if (!options_.sleep) options_.sleep = [](milliseconds d) { std::this_thread::sleep_for(d); };
+  if (!options_.credentials) {
+    credentials_cache_ = std::make_shared<CredentialsCache>();
+    options_.credentials = [cache = credentials_cache_](const std::string& path) {
+      return cache->Get(path);
+    };
+  }
+}
+
+std::mutex& PullService::AliasLock(const std::string& name) {
+  return alias_locks_[std::hash<std::string>{}(name) % alias_locks_.size()];
+}
+
+// Nothing may escape an interceptor (the proxy core runs it on a worker thread): the only
+// exceptions possible here are allocation failures and bugs, answered as INTERNAL.
+InterceptResult PullService::PullImage(CriVersion v, const std::string& request,
+                                       const CallOptions& opts) {
+  try {
+    return DoPullImage(v, request, opts);
+  } catch (const std::exception& e) {
+    spdlog::error("pull: internal error: {}", e.what());
+    return {grpc::Status(grpc::StatusCode::INTERNAL,
+                         std::string("registry-proxy: internal error: ") + e.what()),
+            ""};
+  } catch (...) {
+    spdlog::error("pull: internal error");
+    return {grpc::Status(grpc::StatusCode::INTERNAL, "registry-proxy: internal error"), ""};
+  }
+}
+
+InterceptResult PullService::DoPullImage(CriVersion v, const std::string& request,
+                                         const CallOptions& opts) {
+  // Forwards the caller's own bytes: containerd sees exactly the request kubelet sent.
+  auto forward = [&](std::string_view image, std::string_view ns, std::string_view why, bool auth) {
+    const auto start = Now();
+    InterceptResult r;
+    r.status = cri_->PullImageRaw(v, request, opts, &r.response);
+    spdlog::info("pull {}: {}; forwarded unchanged; namespace={} auth={} {}ms: {}", LogSafe(image),
+                 LogSafe(why), LogSafe(ns), auth ? "yes" : "no", Ms(Now() - start),
+                 Outcome(r.status));
+    if (!r.status.ok()) r.response.clear();
+    return r;
+  };
+
+  // A request that does not parse as our (subset) PullImageRequest goes to containerd as it
+  // came, rather than answered by us: containerd's Go decoder may accept what ours rejects
+  // (protobuf C++ refuses invalid UTF-8 in proto3 strings; gogo-generated CRI code does not
+  // check), and where it rejects it too, its error is the one the node gives without us.
+  runtime::v1::PullImageRequest req;
+  if (!req.ParseFromString(request)) {
+    return forward("(unparsed)", "-",
+                   "request (" + std::to_string(request.size()) + " bytes) does not parse", false);
+  }
+  const std::string& image = req.image().image();
+
+  // One snapshot for the whole call: the Decision points into its Policy.
+  const std::shared_ptr<const Config> config = config_();
+  PullContext ctx;
+  std::map<std::string, std::string> labels;
+  std::string ns = "-";
+  if (req.has_sandbox_config()) {
+    const auto& sc = req.sandbox_config();
+    ctx.namespace_name = sc.metadata().namespace_();
+    labels.insert(sc.labels().begin(), sc.labels().end());
+    ctx.pod_labels = &labels;
+    if (!sc.metadata().namespace_().empty()) ns = sc.metadata().namespace_();
+  }
+  const Decision d = config->policy->Decide(image, ctx);
+  const bool auth = HasAuth(req);
+  if (!d.rewritten()) {
+    return forward(image, ns,
+                   "not rewritten (" + std::string(ReasonName(d.reason)) + ": " + d.detail + ")",
+                   auth);
+  }
+  // kubelet chose these credentials for the original registry; a mirror is a third party.
+  if (auth) {
+    return forward(image, ns, "credentials for " + d.original->domain + "; not sent to a mirror",
+                   true);
+  }
+
+  const PullLog log{LogSafe(image), LogSafe(ns), d.rule ? d.rule->origin : "-"};
+  const size_t n = d.candidates.size();
+  grpc::Status last(grpc::StatusCode::UNKNOWN, "registry-proxy: no candidate was tried");
+  for (size_t i = 0; i < n; ++i) {
+    const Candidate& c = d.candidates[i];
+    if (Cancelled(opts)) return {CancelledStatus(), ""};
+    if (opts.deadline != std::chrono::system_clock::time_point::max() &&
+        std::chrono::system_clock::now() >= opts.deadline && i > 0) {
+      // Every further attempt would fail at once with DEADLINE_EXCEEDED.
+      break;
+    }
+    const auto start = Now();
+    auto log_attempt = [&](const grpc::Status& s, bool with_auth) {
+      auto level = s.ok() ? spdlog::level::info : spdlog::level::warn;
+      spdlog::log(level, "pull {}: attempt {}/{} {} ({}) namespace={} rule={} auth={} {}ms: {}",
+                  log.image, i + 1, n, c.image, c.upstream ? "upstream" : "mirror", log.ns,
+                  log.rule, with_auth ? "yes" : "no", Ms(Now() - start), Outcome(s));
+    };
+
+    if (c.upstream) {
+      // The upstream candidate is the caller's image unchanged (and the request carries no
+      // credentials, or it would not have been rewritten): forward the caller's bytes.
+      InterceptResult r;
+      r.status = cri_->PullImageRaw(v, request, opts, &r.response);
+      log_attempt(r.status, false);
+      if (r.status.ok()) return r;
+      last = r.status;
+      if (Cancelled(opts)) return {CancelledStatus(), ""};
+      continue;
+    }
+
+    // A mirror: the caller's request (unknown fields included), another image, no auth but
+    // the mirror's own.
+    runtime::v1::PullImageRequest mreq = req;
+    mreq.mutable_image()->set_image(c.image);
+    mreq.clear_auth();
+    bool with_auth = false;
+    if (!c.mirror->credentials.empty()) {
+      const std::string& name = c.mirror->credentials;
+      const std::string& path = config->node.credentials_file;
+      std::string problem;
+      if (path.empty()) {
+        problem = "node.credentialsFile is not set";
+      } else if (auto creds = options_.credentials(path); !creds.ok()) {
+        problem = "the credentials file cannot be used: " + creds.error();
+      } else if (const RegistryAuth* a = (*creds)->Find(name); a == nullptr) {
+        problem = "the credentials file " + path + " has no entry '" + name + "'";
+      } else {
+        runtime::v1::AuthConfig* out = mreq.mutable_auth();
+        out->set_username(a->username);
+        out->set_password(a->password);
+        out->set_auth(a->auth);
+        out->set_identity_token(a->identity_token);
+        with_auth = true;
+      }
+      if (!problem.empty()) {
+        // Pulling anonymously would only earn a 401 and a misleading error; say why instead.
+        last = grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                            "registry-proxy: mirror " + c.mirror->host + " needs credentials '" +
+                                name + "': " + problem);
+        log_attempt(last, false);
+        continue;
+      }
+    }
+    runtime::v1::PullImageResponse resp;
+    grpc::Status s = cri_->PullImage(v, mreq, opts, &resp);
+    log_attempt(s, with_auth);
+    if (!s.ok()) {
+      last = s;
+      if (Cancelled(opts)) return {CancelledStatus(), ""};
+      continue;
+    }
+
+    // A mirror served it. If aliasing fails, the pull still succeeds: the image IS on the
+    // node (under the mirror name) and image_ref (its id) is what kubelet creates the
+    // container from. Failing would make kubelet retry the whole pull with back-off and leave
+    // the pod waiting although its image is here; the next ImageStatus(original) miss is
+    // repaired by RecoverStatus, which retries the aliasing.
+    const std::string& image_ref = resp.image_ref();
+    const auto alias_start = Now();
+    if (!Alias(*config, *d.original, c.image)) {
+      spdlog::error(
+          "pull {}: served by mirror {} as {}, but naming it {} failed (see above); the image "
+          "is on the node under the mirror name only",
+          image, c.image, image_ref, d.original->NormalizedString());
+    } else {
+      runtime::v1::ImageStatusRequest sreq;
+      sreq.mutable_image()->set_image(image);
+      runtime::v1::ImageStatusResponse sresp;
+      if (!WaitForStatus(v, sreq, image_ref, opts, &sresp)) {
+        if (sresp.has_image()) {
+          spdlog::warn(
+              "pull {}: aliased, but after {}ms CRI still shows image {} under the original name, "
+              "not the pulled {}; answering anyway",
+              image, options_.alias_wait.count(), sresp.image().id(), image_ref);
+        } else {
+          spdlog::warn(
+              "pull {}: aliased, but CRI did not show it within {}ms; answering anyway (image {})",
+              image, options_.alias_wait.count(), image_ref);
+        }
+      } else {
+        spdlog::debug("pull {}: aliased and visible after {}ms", image, Ms(Now() - alias_start));
+      }
+    }
+    return {grpc::Status::OK, resp.SerializeAsString()};
+  }
+  // kubelet parses pull error messages: the last failure goes back exactly as it came.
+  return {last, ""};
+}
+
+bool PullService::Alias(const Config& config, const Reference& original,
+                        const std::string& mirror_image) {
+  auto mref = ParseNamedReference(mirror_image);
+  if (!mref.ok()) {
+    spdlog::error("alias {}: mirror reference {} does not parse: {}", original.String(),
+                  mirror_image, mref.error());
+    return false;
+  }
+  const std::string mirror_name = mref->NormalizedString();
+  const std::string original_name = original.NormalizedString();
+
+  std::lock_guard lock(AliasLock(original.Name()));
+  ImageRecord rec;
+  grpc::Status s = records_->Get(mirror_name, &rec);
+  if (s.error_code() == grpc::StatusCode::NOT_FOUND) {
+    // Another pull or recovery of this image got here first, aliased it and dropped the mirror
+    // names (under this lock, so it finished). The original record says so.
+    ImageRecord existing;
+    if (records_->Get(original_name, &existing).ok()) return true;
+  }
+  if (!s.ok()) {
+    spdlog::error("alias {}: cannot read the record of {}: {}", original_name, mirror_name,
+                  Outcome(s));
+    return false;
+  }
+  if (rec.target_digest.empty()) {
+    spdlog::error("alias {}: the record of {} has no target digest", original_name, mirror_name);
+    return false;
+  }
+
+  // What containerd's CRI names a pulled image: name:tag (absent for a pull by digest; with
+  // tag and digest, containerd drops the tag) and name@<manifest digest>. The id record
+  // (sha256:<config digest>) already exists: ids are never written or removed here.
+  std::vector<std::string> names = {original_name};
+  if (std::string by_digest = original.Name() + "@" + rec.target_digest;
+      by_digest != original_name) {
+    names.push_back(std::move(by_digest));
+  }
+  ImageRecord alias = rec;
+  alias.labels[kCriManagedLabel] = kCriManagedValue;  // CRI picks it up fastest with this
+  alias.labels[kSourceLabel] = mirror_image;
+  for (const std::string& name : names) {
+    alias.name = name;
+    if (grpc::Status ps = records_->Put(alias); !ps.ok()) {
+      spdlog::error("alias {}: cannot write the record {}: {}", original_name, name, Outcome(ps));
+      return false;  // the mirror names stay: they are all the node has
+    }
+  }
+  spdlog::info("alias {}: {} -> {} ({})", original_name, mirror_name, rec.target_digest,
+               names.size() == 1 ? names[0] : names[0] + ", " + names[1]);
+
+  if (config.node.keep_mirror_names) return true;
+  std::vector<std::string> drop = {mirror_name};
+  if (std::string by_digest = mref->Name() + "@" + rec.target_digest; by_digest != mirror_name) {
+    drop.push_back(std::move(by_digest));
+  }
+  for (const std::string& name : drop) {
+    // Never an id, never a name just written (a mirror that maps onto the original itself).
+    if (IsImageIdDigest(name) || std::find(names.begin(), names.end(), name) != names.end()) {
+      continue;
+    }
+    if (grpc::Status ds = records_->Delete(name); !ds.ok()) {
+      // Harmless for pulls (the original names exist); the mirror name just stays visible.
+      spdlog::warn("alias {}: cannot remove the mirror record {}: {}", original_name, name,
+                   Outcome(ds));
+    }
+  }
+  return true;
+}
+
+bool PullService::WaitForStatus(CriVersion v, const runtime::v1::ImageStatusRequest& req,
+                                const std::string& want_id, const CallOptions& opts,
+                                runtime::v1::ImageStatusResponse* out) {
+  const auto deadline = Now() + options_.alias_wait;
+  // Each status call is bounded too (real time: gRPC deadlines are wall-clock).
+  CallOptions poll = opts;
+  poll.deadline = std::min(
+      opts.deadline, std::chrono::system_clock::now() + options_.alias_wait + milliseconds(100));
+  milliseconds delay{1};
+  for (;;) {
+    out->Clear();
+    grpc::Status s = cri_->ImageStatus(v, req, poll, out);
+    // An original name that pointed at an older image (a moved tag) answers at once with the
+    // old id until CRI has applied the update: wait for the image just pulled.
+    if (s.ok() && out->has_image() && (want_id.empty() || out->image().id() == want_id)) {
+      return true;
+    }
+    if (!s.ok()) spdlog::debug("status {}: {}", req.image().image(), Outcome(s));
+    if (Cancelled(opts)) return false;
+    const auto left = deadline - Now();
+    if (left <= SteadyClock::duration::zero()) return false;
+    options_.sleep(std::min(delay, std::chrono::ceil<milliseconds>(left)));
+    delay *= 2;
+  }
+}
+
+bool PullService::StatusNeedsRecovery(CriVersion /*v*/, const std::string& request,
+                                      const std::string& response) {
+  try {
+    runtime::v1::ImageStatusResponse resp;
+    if (!resp.ParseFromString(response) || resp.has_image()) return false;
+    runtime::v1::ImageStatusRequest req;
+    if (!req.ParseFromString(request)) return false;
+    const std::shared_ptr<const Config> config = config_();
+    PullContext ctx;
+    ctx.any_namespace = true;  // the image store is the node's, not one namespace's
+    return config->policy->Decide(req.image().image(), ctx).rewritten();
+  } catch (...) {
+    return false;  // the response goes to the caller as containerd gave it
+  }
+}
+
+InterceptResult PullService::RecoverStatus(CriVersion v, const std::string& request,
+                                           const std::string& response, const CallOptions& opts) {
+  try {
+    return DoRecoverStatus(v, request, response, opts);
+  } catch (const std::exception& e) {
+    spdlog::error("status recovery: internal error: {}", e.what());
+  } catch (...) {
+    spdlog::error("status recovery: internal error");
+  }
+  return {grpc::Status::OK, response};
+}
+
+InterceptResult PullService::DoRecoverStatus(CriVersion v, const std::string& request,
+                                             const std::string& response, const CallOptions& opts) {
+  const InterceptResult unchanged{grpc::Status::OK, response};
+  runtime::v1::ImageStatusRequest req;
+  if (!req.ParseFromString(request)) return unchanged;
+  const std::string& image = req.image().image();
+  const std::shared_ptr<const Config> config = config_();
+  PullContext ctx;
+  ctx.any_namespace = true;
+  const Decision d = config->policy->Decide(image, ctx);
+  if (!d.rewritten()) return unchanged;
+
+  // Where a mirror-named copy could be: the decision's mirrors, then those of every other
+  // rule covering the repository (rules for other namespaces may have sent it elsewhere).
+  std::vector<std::string> candidates;
+  auto add = [&](std::string name) {
+    if (std::find(candidates.begin(), candidates.end(), name) == candidates.end()) {
+      candidates.push_back(std::move(name));
+    }
+  };
+  for (const Candidate& c : d.candidates) {
+    if (!c.upstream) add(c.image);
+  }
+  const std::string repo = d.original->Name();
+  for (const Rule& r : config->policy->rules()) {
+    if (&r == d.rule || !MatchCovers(r.match, repo)) continue;
+    if (r.digest_only && d.original->digest.empty()) continue;
+    for (const Mirror& m : r.mirrors) {
+      if (m.RewrittenNameLength(*d.original) <= kNameTotalLengthMax) add(m.Rewrite(*d.original));
+    }
+  }
+
+  for (const std::string& candidate : candidates) {
+    if (Cancelled(opts)) return unchanged;
+    runtime::v1::ImageStatusRequest mreq;
+    mreq.mutable_image()->set_image(candidate);
+    runtime::v1::ImageStatusResponse mresp;
+    grpc::Status s = cri_->ImageStatus(v, mreq, opts, &mresp);
+    if (!s.ok()) {
+      spdlog::debug("status {}: looking for {}: {}", image, candidate, Outcome(s));
+      continue;
+    }
+    if (!mresp.has_image()) continue;
+    spdlog::info("status {}: missing, but mirror copy {} ({}) is on the node; aliasing", image,
+                 candidate, mresp.image().id());
+    if (!Alias(*config, *d.original, candidate)) return unchanged;
+    runtime::v1::ImageStatusResponse out;
+    if (!WaitForStatus(v, req, mresp.image().id(), opts, &out)) {
+      spdlog::warn("status {}: aliased, but CRI did not show it within {}ms", image,
+                   options_.alias_wait.count());
+      return unchanged;
+    }
+    return {grpc::Status::OK, out.SerializeAsString()};
+  }
+  return unchanged;
+}
+
+}  // namespace registry_proxy

@@ -1,0 +1,106 @@
+// The pull service: the ImageInterceptor that rewrites PullImage to mirrors.
+//
+// PullImage: decide with the config snapshot in force (taken once per call), then try the
+// candidates in order through containerd's CRI until one succeeds. When a mirror served the
+// image, alias it under its original names through containerd's Images API (so kubelet's
+// ImageStatus(original) hits, `crictl images` and pod status show upstream names) and answer
+// only once CRI sees the original name. Requests the service leaves alone (not rewritten, or
+// carrying credentials for the original registry, or not parseable here) are forwarded as the
+// caller's bytes, so containerd sees exactly what it would without the daemon.
+//
+// ImageStatus recovery: a miss for an image a mirror could have served (e.g. a pull finished
+// but the daemon died before aliasing, or aliasing failed) is repaired on the spot when a
+// mirror-named copy is on the node.
+//
+// Logs: one line per pull attempt (original, candidate, namespace, rule, auth yes/no, duration,
+// outcome); never a credential.
+//
+// Thread safety: every public method may be called concurrently from any number of threads.
+// The service holds no per-call state; aliasing of one original name is serialised (striped
+// mutexes) so concurrent pulls and status recoveries of the same image do not remove each
+// other's records halfway. StatusNeedsRecovery never blocks beyond the config store's short
+// snapshot mutex.
+#pragma once
+
+#include <array>
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "config.h"
+#include "credentials.h"
+#include "interceptor.h"
+#include "upstream.h"
+
+namespace registry_proxy {
+
+class ConfigStore;
+
+// Labels the service puts on the original-named records it creates.
+inline constexpr char kCriManagedLabel[] = "io.cri-containerd.image";  // CRI's own label
+inline constexpr char kCriManagedValue[] = "managed";
+inline constexpr char kSourceLabel[] = "io.registry-proxy.source";  // the mirror reference
+
+struct PullServiceOptions {
+  // How long to wait after aliasing for CRI's ImageStatus to see the original name (it learns
+  // of new records through events: median 0.5 ms, at most ~10 ms measured). Polls back off
+  // 1, 2, 4, ... ms. When it runs out the pull still succeeds (see pull_service.cc).
+  std::chrono::milliseconds alias_wait{2000};
+
+  // Seams for tests. Defaults: std::chrono::steady_clock::now, std::this_thread::sleep_for.
+  std::function<std::chrono::steady_clock::time_point()> now;
+  std::function<void(std::chrono::milliseconds)> sleep;
+
+  // Where per-mirror credentials come from, given node.credentialsFile. Default: the file,
+  // read through a CredentialsCache (re-read when it changes; see credentials.h).
+  std::function<Result<std::shared_ptr<const Credentials>>(const std::string& path)> credentials;
+};
+
+class PullService final : public ImageInterceptor {
+ public:
+  using ConfigSource = std::function<std::shared_ptr<const Config>()>;
+  using Options = PullServiceOptions;
+
+  // `store`, `cri` and `records` must outlive the service. `records` works in the containerd
+  // namespace CRI uses (node.containerdNamespace; see GrpcImageRecordStore).
+  PullService(ConfigStore* store, CriImageBackend* cri, ImageRecordStore* records, Options options);
+  // `config` must never return null (ConfigStore::Current() never does).
+  PullService(ConfigSource config, CriImageBackend* cri, ImageRecordStore* records,
+              Options options);
+
+  InterceptResult PullImage(CriVersion v, const std::string& request,
+                            const CallOptions& opts) override;
+  bool StatusNeedsRecovery(CriVersion v, const std::string& request,
+                           const std::string& response) override;
+  InterceptResult RecoverStatus(CriVersion v, const std::string& request,
+                                const std::string& response, const CallOptions& opts) override;
+
+ private:
+  InterceptResult DoPullImage(CriVersion v, const std::string& request, const CallOptions& opts);
+  InterceptResult DoRecoverStatus(CriVersion v, const std::string& request,
+                                  const std::string& response, const CallOptions& opts);
+
+  // Names the image `mirror_image` (a mirror reference a pull or status found on the node)
+  // by `original`'s names too, and (unless keep_mirror_names) drops the mirror names.
+  // True when the original names point at the image afterwards.
+  bool Alias(const Config& config, const Reference& original, const std::string& mirror_image);
+  // Polls ImageStatus(req) until it returns an image (with id `want_id`, unless empty) or
+  // alias_wait runs out. `out` holds the last answer.
+  bool WaitForStatus(CriVersion v, const runtime::v1::ImageStatusRequest& req,
+                     const std::string& want_id, const CallOptions& opts,
+                     runtime::v1::ImageStatusResponse* out);
+
+  std::chrono::steady_clock::time_point Now() const { return options_.now(); }
+  std::mutex& AliasLock(const std::string& name);
+
+  ConfigSource config_;
+  CriImageBackend* const cri_;
+  ImageRecordStore* const records_;
+  Options options_;
+  std::shared_ptr<CredentialsCache> credentials_cache_;  // when options_.credentials is unset
+  std::array<std::mutex, 64> alias_locks_;
+};
+
+}  // namespace registry_proxy

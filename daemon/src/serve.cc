@@ -1,0 +1,161 @@
+// `registry-proxy serve`: the node daemon. Its whole life is the list of steps in CmdServe.
+#include "serve.h"
+
+#include <spdlog/spdlog.h>
+#include <stdlib.h>
+
+#include <csignal>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cli_args.h"
+#include "config_store.h"
+#include "cri_proxy.h"
+#include "pull_service.h"
+#include "sd_notify.h"
+#include "signals.h"
+#include "upstream_grpc.h"
+
+namespace registry_proxy {
+namespace {
+
+constexpr char kServeHelp[] =
+    R"(Usage: registry-proxy serve [--config FILE] [--listen ENDPOINT] [--upstream ENDPOINT]
+                            [--grace SECONDS] [--log-level LEVEL]
+
+Serves the CRI (runtime.v1 and runtime.v1alpha2, ImageService and RuntimeService) on a unix
+socket and forwards every call to containerd unchanged, except that PullImage is rewritten to
+mirrors as the config says, with fallback to upstream, and the pulled image is then named as
+if upstream had served it.
+
+  -c, --config FILE     config file (default /etc/registry-proxy/config.yaml). Missing or
+                        bad at start: nothing is rewritten until a good one appears; it is
+                        reloaded when it changes and on SIGHUP
+      --listen EP       socket to serve (default: node.listen, unix:///run/registry-proxy/registry-proxy.sock)
+      --upstream EP     containerd's CRI socket (default: node.upstream, unix:///run/containerd/containerd.sock)
+      --grace SECONDS   on SIGTERM/SIGINT, how long in-flight calls may finish (default 10)
+      --log-level L     trace, debug, info (default), warn, error
+
+Point kubelet at it with imageServiceEndpoint: unix:///run/registry-proxy/registry-proxy.sock
+and crictl with --image-endpoint (or /etc/crictl.yaml image-endpoint).
+)";
+
+constexpr char kDefaultConfigPath[] = "/etc/registry-proxy/config.yaml";
+
+// Every finished call, at debug level (the level check comes first: free when off).
+class LogCalls final : public CallObserver {
+ public:
+  void OnCallDone(std::string_view method, grpc::StatusCode code,
+                  std::chrono::nanoseconds duration) override {
+    if (!spdlog::should_log(spdlog::level::debug)) return;
+    spdlog::debug("call {} code={} {:.3f} ms", method, static_cast<int>(code),
+                  std::chrono::duration<double, std::milli>(duration).count());
+  }
+};
+
+}  // namespace
+
+int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostream& err) {
+  auto args = ParseArgs(argv,
+                        {{"--config", "-c"},
+                         {"--listen", ""},
+                         {"--upstream", ""},
+                         {"--grace", ""},
+                         {"--log-level", ""},
+                         {"--help", "-h", false}},
+                        err);
+  if (!args) return err << kServeHelp, 2;
+  if (args->Has("--help")) return out << kServeHelp, 0;
+  if (!args->positional.empty()) return err << kServeHelp, 2;
+  int grace_s = 10;
+  if (auto g = args->Get("--grace")) {
+    char* end = nullptr;
+    long v = std::strtol(g->c_str(), &end, 10);
+    if (g->empty() || *end || v < 0 || v > 3600) {
+      return err << "--grace wants seconds (0..3600), got '" << *g << "'\n", 2;
+    }
+    grace_s = static_cast<int>(v);
+  }
+  if (auto l = args->Get("--log-level")) {
+    auto level = spdlog::level::from_str(*l);
+    if (level == spdlog::level::off && *l != "off") {
+      return err << "--log-level: unknown level '" << *l << "'\n", 2;
+    }
+    spdlog::set_level(level);
+  }
+  // One poller, no spurious wake-up per write (measured; see DESIGN.md). Must be set before
+  // gRPC starts; an explicit setting by the operator wins.
+  setenv("GRPC_POLL_STRATEGY", "poll", /*overwrite=*/0);
+
+  // 1. Signals are blocked before any thread exists, so only the main thread sees them.
+  SignalWaiter signals({SIGHUP, SIGINT, SIGTERM});
+
+  // 2. Config: the last good one is always in force; with none, everything passes through.
+  ConfigStore store(args->Get("--config").value_or(kDefaultConfigPath));
+  if (store.Reload() == ReloadResult::kRejected) {
+    spdlog::error(
+        "no usable config at start ({}); forwarding every pull unchanged until a good "
+        "config appears",
+        store.path());
+  }
+  const NodeSettings node = store.Current()->node;  // socket settings are read once
+  ProxyOptions popts;
+  popts.listen = args->Get("--listen").value_or(node.listen);
+  popts.upstream = args->Get("--upstream").value_or(node.upstream);
+  store.SetListener([&store, popts](ReloadResult r, const ReloadStats&) {
+    if (r != ReloadResult::kApplied) return;
+    const NodeSettings& now = store.Current()->node;
+    if (now.listen != popts.listen || now.upstream != popts.upstream) {
+      spdlog::warn(
+          "node.listen/node.upstream changed in the config; they take effect on restart "
+          "(serving {} -> {})",
+          popts.listen, popts.upstream);
+    }
+  });
+
+  // 3. Upstream: one channel for forwarding, pulls and image records.
+  if (auto up = UnixSocketPath(popts.upstream); !up.ok()) {
+    return err << "upstream: " << up.error() << "\n", 1;
+  }
+  auto channel = MakeUpstreamChannel(popts.upstream, popts.max_message_bytes);
+  GrpcCriImageBackend cri(channel);
+  GrpcImageRecordStore records(channel,
+                               [&store] { return store.Current()->node.containerd_namespace; }, {});
+  PullService pulls(&store, &cri, &records, {});
+
+  // 4. Serve.
+  LogCalls log_calls;
+  CriProxy proxy(popts, channel, &pulls, &log_calls);
+  if (Status s = proxy.Start(); !s.ok()) {
+    spdlog::critical("cannot serve: {}", s.message());
+    return 1;
+  }
+  // 5. Follow the config.
+  ConfigWatcher watcher(&store, {});
+  if (Status s = watcher.Start(); !s.ok()) {
+    spdlog::warn("config changes will not be seen until SIGHUP: {}", s.message());
+  }
+  spdlog::info("registry-proxy serving {} -> {} (config {}, {})", proxy.socket_path(),
+               popts.upstream, store.path(),
+               store.HasGoodConfig() ? "loaded" : "none: passthrough");
+  SdNotify("READY=1\nSTATUS=serving " + proxy.socket_path());
+
+  // 6. Run until told to stop; SIGHUP reloads.
+  int sig;
+  while ((sig = signals.Wait()) == SIGHUP) {
+    spdlog::info("SIGHUP: reloading {}", store.path());
+    watcher.TriggerReload();
+  }
+  spdlog::info("{}: stopping; in-flight calls have {} s", sig == SIGTERM ? "SIGTERM" : "SIGINT",
+               grace_s);
+
+  // 7. Teardown, in reverse.
+  SdNotify("STOPPING=1");
+  watcher.Stop();
+  proxy.Shutdown(std::chrono::seconds(grace_s));
+  spdlog::info("stopped");
+  return 0;
+}
+
+}  // namespace registry_proxy

@@ -1,0 +1,899 @@
+// PullService against a fake containerd: CRI pulls and status over a small image store, and
+// the Images API over the same records, so aliasing is observable the way CRI would see it.
+// The real thing is exercised by the integration tests (tests/integration).
+#include "pull_service.h"
+
+#include <google/protobuf/unknown_field_set.h>
+#include <gtest/gtest.h>
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
+
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include "config.h"
+#include "credentials.h"
+#include "reference.h"
+
+namespace registry_proxy {
+namespace {
+
+using std::chrono::milliseconds;
+
+const std::string kDigest = "sha256:" + std::string(64, 'd');
+const std::string kDigest2 = "sha256:" + std::string(64, 'e');
+const std::string kId = "sha256:" + std::string(64, '1');
+const std::string kId2 = "sha256:" + std::string(64, '2');
+constexpr char kManifestType[] = "application/vnd.oci.image.manifest.v1+json";
+
+// What a registry holds: normalised reference (name:tag or name@digest) -> manifest digest
+// and image id. A pull of name@digest succeeds if any tag of that name has that digest.
+struct Served {
+  std::string digest;
+  std::string id;
+};
+
+// containerd in miniature. Thread-safe (pulls run concurrently in one test).
+class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
+ public:
+  struct PullCall {
+    CriVersion v;
+    bool raw = false;
+    std::string bytes;                     // what reached "containerd", serialized
+    runtime::v1::PullImageRequest parsed;  // empty when the bytes did not parse
+    std::chrono::system_clock::time_point deadline;
+    std::vector<std::pair<std::string, std::string>> metadata;
+  };
+
+  // Registries.
+  void Serve(const std::string& ref, std::string digest, std::string id) {
+    std::lock_guard l(mu_);
+    served_[Normalize(ref)] = Served{std::move(digest), std::move(id)};
+  }
+  void Fail(const std::string& ref, grpc::Status s) {
+    std::lock_guard l(mu_);
+    failures_[Normalize(ref)] = std::move(s);
+  }
+
+  // Fault injection and observation.
+  std::function<void(const PullCall&)> on_pull;  // runs inside the pull, before it answers
+  int status_delay_calls = 0;  // ImageStatus misses this many times before seeing a record
+  bool status_never_sees = false;
+  // After a Put replaces a record, ImageStatus shows the old one this many more times.
+  int stale_status_calls = 0;
+  bool fail_put = false;
+  std::atomic<int> status_calls{0};
+
+  std::vector<PullCall> pulls() {
+    std::lock_guard l(mu_);
+    return pulls_;
+  }
+  std::vector<std::string> pulled_images() {
+    std::vector<std::string> out;
+    for (const auto& p : pulls()) out.push_back(p.parsed.image().image());
+    return out;
+  }
+  bool HasRecord(const std::string& name) {
+    std::lock_guard l(mu_);
+    return records_.count(name) != 0;
+  }
+  ImageRecord Record(const std::string& name) {
+    std::lock_guard l(mu_);
+    return records_.at(name);
+  }
+  std::set<std::string> RecordNames() {
+    std::lock_guard l(mu_);
+    std::set<std::string> out;
+    for (const auto& [k, v] : records_) out.insert(k);
+    return out;
+  }
+  std::vector<std::string> deletes() {
+    std::lock_guard l(mu_);
+    return deletes_;
+  }
+
+  // CriImageBackend
+  grpc::Status PullImage(CriVersion v, const runtime::v1::PullImageRequest& req,
+                         const CallOptions& opts, runtime::v1::PullImageResponse* resp) override {
+    std::string bytes = req.SerializeAsString();
+    std::string out;
+    grpc::Status s = Pull(v, false, bytes, opts, &out);
+    if (s.ok()) resp->ParseFromString(out);
+    return s;
+  }
+  grpc::Status PullImageRaw(CriVersion v, const std::string& request, const CallOptions& opts,
+                            std::string* response) override {
+    return Pull(v, true, request, opts, response);
+  }
+  grpc::Status ImageStatus(CriVersion, const runtime::v1::ImageStatusRequest& req,
+                           const CallOptions&, runtime::v1::ImageStatusResponse* resp) override {
+    ++status_calls;
+    std::lock_guard l(mu_);
+    auto parsed = ParseImage(req.image().image());
+    if (!parsed.ok() || parsed->kind != ReferenceKind::kNamed) return grpc::Status::OK;
+    auto it = records_.find(parsed->ref.NormalizedString());
+    if (it == records_.end()) return grpc::Status::OK;
+    if (auto st = stale_.find(it->first); st != stale_.end() && st->second.second > 0) {
+      --st->second.second;
+      resp->mutable_image()->set_id(ids_.at(st->second.first.target_digest));
+      return grpc::Status::OK;
+    }
+    if (status_never_sees) return grpc::Status::OK;
+    if (status_delay_calls > 0) {
+      --status_delay_calls;
+      return grpc::Status::OK;
+    }
+    // CRI's view: every record with the same target is one image.
+    const std::string id = ids_.at(it->second.target_digest);
+    runtime::v1::Image* image = resp->mutable_image();
+    image->set_id(id);
+    image->set_size(1234);
+    for (const auto& [name, rec] : records_) {
+      if (rec.target_digest != it->second.target_digest || IsImageIdDigest(name)) continue;
+      (name.find('@') != std::string::npos ? image->add_repo_digests(name)
+                                           : image->add_repo_tags(name));
+    }
+    return grpc::Status::OK;
+  }
+
+  // ImageRecordStore
+  grpc::Status Get(const std::string& name, ImageRecord* out) override {
+    std::lock_guard l(mu_);
+    auto it = records_.find(name);
+    if (it == records_.end()) return grpc::Status(grpc::StatusCode::NOT_FOUND, "not found");
+    *out = it->second;
+    return grpc::Status::OK;
+  }
+  grpc::Status Put(const ImageRecord& record) override {
+    std::lock_guard l(mu_);
+    if (fail_put) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "containerd is away");
+    if (auto it = records_.find(record.name); it != records_.end()) {
+      stale_[record.name] = {it->second, stale_status_calls};
+    }
+    records_[record.name] = record;
+    return grpc::Status::OK;
+  }
+  grpc::Status Delete(const std::string& name) override {
+    std::lock_guard l(mu_);
+    deletes_.push_back(name);
+    records_.erase(name);
+    return grpc::Status::OK;
+  }
+
+  // What CRI writes after a pull: name (tag or digest), name@digest, and the id.
+  void AddImage(const std::string& ref, const std::string& digest, const std::string& id) {
+    std::lock_guard l(mu_);
+    AddImageLocked(ParseNamedReference(ref).value(), digest, id);
+  }
+
+ private:
+  static std::string Normalize(const std::string& ref) {
+    return ParseNamedReference(ref).value().NormalizedString();
+  }
+
+  void AddImageLocked(const Reference& ref, const std::string& digest, const std::string& id) {
+    ImageRecord rec;
+    rec.labels = {{"io.cri-containerd.image", "managed"}, {"test.kept", "yes"}};
+    rec.target_media_type = kManifestType;
+    rec.target_digest = digest;
+    rec.target_size = 500;
+    for (const std::string& name : {ref.NormalizedString(), ref.Name() + "@" + digest, id}) {
+      rec.name = name;
+      records_[name] = rec;
+    }
+    ids_[digest] = id;
+  }
+
+  grpc::Status Pull(CriVersion v, bool raw, const std::string& bytes, const CallOptions& opts,
+                    std::string* response) {
+    PullCall call;
+    call.v = v;
+    call.raw = raw;
+    call.bytes = bytes;
+    call.deadline = opts.deadline;
+    call.metadata = opts.metadata;
+    const bool parsed = call.parsed.ParseFromString(bytes);
+    {
+      std::lock_guard l(mu_);
+      pulls_.push_back(call);
+    }
+    if (on_pull) on_pull(call);
+    if (opts.cancellation && opts.cancellation->cancelled()) {
+      return grpc::Status(grpc::StatusCode::CANCELLED, "context canceled");
+    }
+    if (!parsed) {
+      return grpc::Status(grpc::StatusCode::INTERNAL, "grpc: error unmarshalling request");
+    }
+    auto ref = ParseNamedReference(call.parsed.image().image());
+    if (!ref.ok()) {
+      return grpc::Status(grpc::StatusCode::UNKNOWN, "failed to parse image reference");
+    }
+    std::lock_guard l(mu_);
+    const std::string key = ref->NormalizedString();
+    if (auto f = failures_.find(key); f != failures_.end()) return f->second;
+    const Served* hit = nullptr;
+    if (auto it = served_.find(key); it != served_.end()) hit = &it->second;
+    if (!hit && !ref->digest.empty()) {
+      for (const auto& [k, s] : served_) {
+        if (s.digest == ref->digest && ParseNamedReference(k)->Name() == ref->Name()) hit = &s;
+      }
+    }
+    if (!hit) {
+      return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                          "failed to pull and unpack image \"" + key + "\": not found");
+    }
+    AddImageLocked(*ref, hit->digest, hit->id);
+    runtime::v1::PullImageResponse resp;
+    resp.set_image_ref(hit->id);
+    *response = resp.SerializeAsString();
+    return grpc::Status::OK;
+  }
+
+  std::mutex mu_;
+  std::map<std::string, Served> served_;
+  std::map<std::string, grpc::Status> failures_;
+  std::map<std::string, ImageRecord> records_;
+  std::map<std::string, std::string> ids_;                    // digest -> id
+  std::map<std::string, std::pair<ImageRecord, int>> stale_;  // name -> (old record, calls left)
+  std::vector<PullCall> pulls_;
+  std::vector<std::string> deletes_;
+};
+
+constexpr char kConfig[] = R"(
+proxies:
+  docker.io: m1.example
+rules:
+  - match: docker.io/library
+    mirrors: [m1.example, m2.example]
+  - match: quay.io
+    mirrors:
+      - host: q1.example
+        credentials: corp
+      - q2.example
+    fallback: false
+  - match: ghcr.io
+    mirrors:
+      - host: g1.example
+        credentials: missing
+  - match: registry.k8s.io
+    mirrors: [k-a.example]
+    includeNamespaces: [team-a]
+  - match: registry.k8s.io
+    mirrors: [k-b.example]
+    includeNamespaces: [team-b]
+excludeNamespaces: [kube-system]
+node:
+  credentialsFile: /etc/rp/credentials.yaml
+)";
+
+constexpr char kCredentials[] = R"(credentials:
+  corp:
+    username: robot
+    password: TOPSECRET-PASSWORD
+  missing-not:
+    auth: dTpw
+)";
+
+std::shared_ptr<const Config> MustConfig(const std::string& yaml) {
+  ConfigLoad load = ParseConfig(yaml, "test.yaml");
+  EXPECT_TRUE(load.ok()) << load.ErrorText();
+  return load.config;
+}
+
+// Captures the log so tests can check what is (and is never) written.
+class LogCapture {
+ public:
+  LogCapture() : previous_(spdlog::default_logger()) {
+    auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(out_);
+    auto logger = std::make_shared<spdlog::logger>("capture", sink);
+    logger->set_level(spdlog::level::debug);
+    spdlog::set_default_logger(logger);
+  }
+  ~LogCapture() { spdlog::set_default_logger(previous_); }
+  std::string text() const { return out_.str(); }
+
+ private:
+  std::ostringstream out_;
+  std::shared_ptr<spdlog::logger> previous_;
+};
+
+runtime::v1::PullImageRequest Request(const std::string& image,
+                                      std::optional<std::string> ns = std::nullopt) {
+  runtime::v1::PullImageRequest req;
+  req.mutable_image()->set_image(image);
+  if (ns) {
+    auto* sc = req.mutable_sandbox_config();
+    sc->mutable_metadata()->set_name("pod");
+    sc->mutable_metadata()->set_namespace_(*ns);
+    (*sc->mutable_labels())["app"] = "web";
+  }
+  return req;
+}
+
+class PullServiceTest : public testing::Test {
+ protected:
+  PullServiceTest() { SetConfig(kConfig); }
+
+  void SetConfig(const std::string& yaml) {
+    std::lock_guard l(config_mu_);
+    config_ = MustConfig(yaml);
+  }
+
+  PullService& Service() {
+    if (!service_) {
+      PullServiceOptions o;
+      o.alias_wait = milliseconds(2000);
+      o.now = [this] { return std::chrono::steady_clock::time_point(fake_time_.load()); };
+      o.sleep = [this](milliseconds d) {
+        std::lock_guard l(sleep_mu_);
+        sleeps_.push_back(d);
+        fake_time_.store(fake_time_.load() + d);  // under sleep_mu_
+      };
+      o.credentials =
+          [this](const std::string& path) -> Result<std::shared_ptr<const Credentials>> {
+        credential_paths_.push_back(path);
+        return Credentials::Parse(credentials_yaml_, path);
+      };
+      service_ = std::make_unique<PullService>(
+          [this] {
+            std::lock_guard l(config_mu_);
+            return config_;
+          },
+          &fake_, &fake_, std::move(o));
+    }
+    return *service_;
+  }
+
+  InterceptResult Pull(const runtime::v1::PullImageRequest& req, CallOptions opts = {},
+                       CriVersion v = CriVersion::kV1) {
+    return Service().PullImage(v, req.SerializeAsString(), opts);
+  }
+
+  static std::string ImageRef(const InterceptResult& r) {
+    runtime::v1::PullImageResponse resp;
+    EXPECT_TRUE(resp.ParseFromString(r.response));
+    return resp.image_ref();
+  }
+
+  LogCapture quiet_;  // the service logs a lot; tests that read it capture their own
+  FakeContainerd fake_;
+  std::mutex config_mu_;
+  std::shared_ptr<const Config> config_;
+  std::string credentials_yaml_ = kCredentials;
+  std::vector<std::string> credential_paths_;
+  std::atomic<std::chrono::steady_clock::duration> fake_time_{
+      std::chrono::steady_clock::duration::zero()};
+  std::mutex sleep_mu_;
+  std::vector<milliseconds> sleeps_;
+  std::unique_ptr<PullService> service_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// PullImage
+
+TEST_F(PullServiceTest, MirrorServesAndTheNodeLooksAsIfUpstreamHad) {
+  LogCapture log;
+  fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
+  InterceptResult r = Pull(Request("nginx", "default"));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(ImageRef(r), kId);
+
+  ASSERT_EQ(fake_.pulls().size(), 1u);
+  const auto call = fake_.pulls()[0];
+  EXPECT_FALSE(call.raw);
+  EXPECT_EQ(call.parsed.image().image(), "m1.example/library/nginx:latest");
+  EXPECT_FALSE(call.parsed.has_auth());
+  // The pod context travels with it (containerd uses it for runtime handlers and such).
+  EXPECT_EQ(call.parsed.sandbox_config().metadata().namespace_(), "default");
+
+  // Upstream names, with the mirror's target and labels, plus the source.
+  const std::string tag_name = "docker.io/library/nginx:latest";
+  const std::string digest_name = "docker.io/library/nginx@" + kDigest;
+  for (const std::string& name : {tag_name, digest_name}) {
+    ASSERT_TRUE(fake_.HasRecord(name)) << name;
+    ImageRecord rec = fake_.Record(name);
+    EXPECT_EQ(rec.target_digest, kDigest);
+    EXPECT_EQ(rec.target_media_type, kManifestType);
+    EXPECT_EQ(rec.target_size, 500);
+    EXPECT_EQ(rec.labels["io.cri-containerd.image"], "managed");
+    EXPECT_EQ(rec.labels["io.registry-proxy.source"], "m1.example/library/nginx:latest");
+    EXPECT_EQ(rec.labels["test.kept"], "yes");
+  }
+  // Mirror names gone; the id stays.
+  EXPECT_EQ(fake_.RecordNames(), (std::set<std::string>{tag_name, digest_name, kId}));
+  for (const std::string& d : fake_.deletes()) EXPECT_FALSE(IsImageIdDigest(d)) << d;
+  // Answered only after CRI saw the original name.
+  EXPECT_GE(fake_.status_calls.load(), 1);
+
+  const std::string text = log.text();
+  EXPECT_NE(text.find("attempt 1/3 m1.example/library/nginx:latest (mirror) namespace=default "
+                      "rule=rules[0] (test.yaml:5) auth=no"),
+            std::string::npos)
+      << text;
+}
+
+TEST_F(PullServiceTest, KeepMirrorNamesKeepsThem) {
+  SetConfig(std::string(kConfig) + "  keepMirrorNames: true\n");
+  fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
+  ASSERT_TRUE(Pull(Request("nginx", "default")).status.ok());
+  EXPECT_TRUE(fake_.HasRecord("m1.example/library/nginx:latest"));
+  EXPECT_TRUE(fake_.HasRecord("m1.example/library/nginx@" + kDigest));
+  EXPECT_TRUE(fake_.HasRecord("docker.io/library/nginx:latest"));
+  EXPECT_TRUE(fake_.deletes().empty());
+}
+
+TEST_F(PullServiceTest, FirstMirrorFailsSecondServes) {
+  fake_.Fail("m1.example/library/nginx:1.25",
+             grpc::Status(grpc::StatusCode::UNKNOWN, "m1: connection refused"));
+  fake_.Serve("m2.example/library/nginx:1.25", kDigest, kId);
+  InterceptResult r = Pull(Request("nginx:1.25", "default"));
+  ASSERT_TRUE(r.status.ok());
+  EXPECT_EQ(fake_.pulled_images(), (std::vector<std::string>{"m1.example/library/nginx:1.25",
+                                                             "m2.example/library/nginx:1.25"}));
+  EXPECT_EQ(fake_.Record("docker.io/library/nginx:1.25").labels["io.registry-proxy.source"],
+            "m2.example/library/nginx:1.25");
+  EXPECT_FALSE(fake_.HasRecord("m2.example/library/nginx:1.25"));
+}
+
+TEST_F(PullServiceTest, AllMirrorsFailThenUpstreamWithTheCallersBytes) {
+  fake_.Serve("docker.io/library/nginx:latest", kDigest, kId);
+  runtime::v1::PullImageRequest req = Request("nginx", "default");
+  const std::string bytes = req.SerializeAsString();
+  InterceptResult r = Service().PullImage(CriVersion::kV1, bytes, {});
+  ASSERT_TRUE(r.status.ok());
+  EXPECT_EQ(ImageRef(r), kId);
+  const auto pulls = fake_.pulls();
+  ASSERT_EQ(pulls.size(), 3u);
+  EXPECT_TRUE(pulls[2].raw);
+  EXPECT_EQ(pulls[2].bytes, bytes);
+  // Upstream served it under its own names: nothing to alias, nothing deleted.
+  EXPECT_TRUE(fake_.deletes().empty());
+  EXPECT_EQ(fake_.Record("docker.io/library/nginx:latest").labels.count("io.registry-proxy.source"),
+            0u);
+}
+
+TEST_F(PullServiceTest, EverythingFailsReturnsTheLastErrorUnchanged) {
+  fake_.Fail("m1.example/library/nginx:latest",
+             grpc::Status(grpc::StatusCode::UNAVAILABLE, "m1 down"));
+  fake_.Fail("m2.example/library/nginx:latest",
+             grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "m2 slow"));
+  const std::string upstream_msg =
+      "failed to pull and unpack image \"docker.io/library/nginx:latest\": failed to resolve "
+      "reference: pull access denied, repository does not exist or may require authorization";
+  fake_.Fail("nginx", grpc::Status(grpc::StatusCode::NOT_FOUND, upstream_msg));
+  InterceptResult r = Pull(Request("nginx", "default"));
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(r.status.error_message(), upstream_msg);
+  EXPECT_TRUE(r.response.empty());
+  EXPECT_EQ(fake_.pulls().size(), 3u);
+}
+
+TEST_F(PullServiceTest, FallbackOffReturnsTheLastMirrorsError) {
+  fake_.Fail("q1.example/org/app:v1", grpc::Status(grpc::StatusCode::UNKNOWN, "q1 says no"));
+  fake_.Fail("q2.example/org/app:v1",
+             grpc::Status(grpc::StatusCode::UNAVAILABLE, "q2: dial tcp: connection refused"));
+  fake_.Serve("quay.io/org/app:v1", kDigest, kId);  // never asked
+  InterceptResult r = Pull(Request("quay.io/org/app:v1", "default"));
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(r.status.error_message(), "q2: dial tcp: connection refused");
+  EXPECT_EQ(fake_.pulled_images(),
+            (std::vector<std::string>{"q1.example/org/app:v1", "q2.example/org/app:v1"}));
+}
+
+TEST_F(PullServiceTest, ExcludedNamespaceForwardsTheRequestAsItCame) {
+  LogCapture log;
+  fake_.Serve("docker.io/library/nginx:latest", kDigest, kId);
+  const std::string bytes = Request("nginx", "kube-system").SerializeAsString();
+  InterceptResult r = Service().PullImage(CriVersion::kV1, bytes, {});
+  ASSERT_TRUE(r.status.ok());
+  ASSERT_EQ(fake_.pulls().size(), 1u);
+  EXPECT_TRUE(fake_.pulls()[0].raw);
+  EXPECT_EQ(fake_.pulls()[0].bytes, bytes);
+  EXPECT_NE(log.text().find("namespace_excluded"), std::string::npos) << log.text();
+}
+
+TEST_F(PullServiceTest, CallerTextCannotForgeLogLines) {
+  LogCapture log;
+  Pull(Request("nginx\n[info] pull x: attempt 1/1 forged", "default"));
+  const std::string text = log.text();
+  EXPECT_EQ(text.find("\n[info] pull x"), std::string::npos) << text;
+  EXPECT_NE(text.find("nginx\\x0a[info]"), std::string::npos) << text;
+}
+
+TEST_F(PullServiceTest, NoSandboxConfigFollowsThePolicy) {
+  fake_.Serve("m1.example/library/busybox:latest", kDigest, kId);
+  ASSERT_TRUE(Pull(Request("busybox")).status.ok());  // default: rewrite
+  EXPECT_EQ(fake_.pulled_images(), std::vector<std::string>{"m1.example/library/busybox:latest"});
+
+  SetConfig(std::string(kConfig) + "pullsWithoutNamespace: {policy: passthrough}\n");
+  service_.reset();
+  fake_.Serve("docker.io/library/alpine:latest", kDigest2, kId2);
+  ASSERT_TRUE(Pull(Request("alpine")).status.ok());
+  EXPECT_TRUE(fake_.pulls().back().raw);
+}
+
+TEST_F(PullServiceTest, RequestCredentialsAreNeverSentToAMirror) {
+  LogCapture log;
+  fake_.Serve("docker.io/library/nginx:latest", kDigest, kId);
+  fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
+  runtime::v1::PullImageRequest req = Request("nginx", "default");
+  req.mutable_auth()->set_username("kubelet-user");
+  req.mutable_auth()->set_password("KUBELET-SECRET");
+  const std::string bytes = req.SerializeAsString();
+  InterceptResult r = Service().PullImage(CriVersion::kV1, bytes, {});
+  ASSERT_TRUE(r.status.ok());
+  ASSERT_EQ(fake_.pulls().size(), 1u);
+  EXPECT_TRUE(fake_.pulls()[0].raw);
+  EXPECT_EQ(fake_.pulls()[0].bytes, bytes);  // credentials untouched, to the original registry
+  const std::string text = log.text();
+  EXPECT_NE(text.find("credentials for docker.io; not sent to a mirror"), std::string::npos)
+      << text;
+  EXPECT_NE(text.find("auth=yes"), std::string::npos) << text;
+  EXPECT_EQ(text.find("KUBELET-SECRET"), std::string::npos) << text;
+  EXPECT_EQ(text.find("kubelet-user"), std::string::npos) << text;
+}
+
+TEST_F(PullServiceTest, AnyAuthFieldCounts) {
+  for (int field = 0; field < 6; ++field) {
+    runtime::v1::PullImageRequest req = Request("nginx", "default");
+    auto* a = req.mutable_auth();
+    switch (field) {
+      case 0:
+        a->set_username("x");
+        break;
+      case 1:
+        a->set_password("x");
+        break;
+      case 2:
+        a->set_auth("eDp5");
+        break;
+      case 3:
+        a->set_server_address("https://index.docker.io/v1/");
+        break;
+      case 4:
+        a->set_identity_token("x");
+        break;
+      case 5:
+        a->set_registry_token("x");
+        break;
+    }
+    Pull(req);
+    ASSERT_FALSE(fake_.pulls().empty());
+    EXPECT_TRUE(fake_.pulls().back().raw) << "field " << field;
+  }
+  // An empty AuthConfig is no credentials.
+  runtime::v1::PullImageRequest req = Request("nginx", "default");
+  req.mutable_auth();
+  Pull(req);
+  EXPECT_FALSE(fake_.pulls()[6].raw);
+}
+
+TEST_F(PullServiceTest, MirrorCredentialsGoOnlyToTheirMirror) {
+  LogCapture log;
+  fake_.Fail("q1.example/org/app:v1", grpc::Status(grpc::StatusCode::UNKNOWN, "q1 busy"));
+  fake_.Serve("q2.example/org/app:v1", kDigest, kId);
+  ASSERT_TRUE(Pull(Request("quay.io/org/app:v1", "default")).status.ok());
+  const auto pulls = fake_.pulls();
+  ASSERT_EQ(pulls.size(), 2u);
+  EXPECT_EQ(pulls[0].parsed.auth().username(), "robot");
+  EXPECT_EQ(pulls[0].parsed.auth().password(), "TOPSECRET-PASSWORD");
+  EXPECT_EQ(pulls[0].parsed.auth().server_address(), "");
+  EXPECT_FALSE(pulls[1].parsed.has_auth());
+  EXPECT_EQ(credential_paths_, std::vector<std::string>{"/etc/rp/credentials.yaml"});
+  const std::string text = log.text();
+  EXPECT_EQ(text.find("TOPSECRET"), std::string::npos) << text;
+  EXPECT_NE(text.find("q1.example/org/app:v1 (mirror) namespace=default rule=rules[1] "
+                      "(test.yaml:7) auth=yes"),
+            std::string::npos)
+      << text;
+}
+
+TEST_F(PullServiceTest, MissingMirrorCredentialsSkipTheMirrorWithAClearError) {
+  fake_.Serve("g1.example/org/app:v1", kDigest, kId);
+  fake_.Fail("ghcr.io/org/app:v1", grpc::Status(grpc::StatusCode::UNKNOWN, "upstream down"));
+  InterceptResult r = Pull(Request("ghcr.io/org/app:v1", "default"));
+  // Never pulled anonymously from g1; upstream was the last attempt.
+  EXPECT_EQ(fake_.pulled_images(), std::vector<std::string>{"ghcr.io/org/app:v1"});
+  EXPECT_EQ(r.status.error_message(), "upstream down");
+
+  // Without fallback, the skip is the last word.
+  SetConfig(
+      "rules:\n  - match: ghcr.io\n    mirrors: [{host: g1.example, credentials: nope}]\n"
+      "    fallback: false\n");
+  service_.reset();
+  r = Pull(Request("ghcr.io/org/app:v1", "default"));
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(r.status.error_message().find("node.credentialsFile is not set"), std::string::npos)
+      << r.status.error_message();
+}
+
+TEST_F(PullServiceTest, DigestPullAliasesOnlyTheDigestName) {
+  fake_.Serve("m1.example/library/nginx:1.25", kDigest, kId);
+  InterceptResult r = Pull(Request("nginx@" + kDigest, "default"));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(fake_.pulled_images(), std::vector<std::string>{"m1.example/library/nginx@" + kDigest});
+  EXPECT_EQ(fake_.RecordNames(),
+            (std::set<std::string>{"docker.io/library/nginx@" + kDigest, kId}));
+}
+
+TEST_F(PullServiceTest, TagAndDigestPullDropsTheTagLikeContainerd) {
+  fake_.Serve("m1.example/library/nginx:1.25", kDigest, kId);
+  InterceptResult r = Pull(Request("nginx:1.25@" + kDigest, "default"));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(fake_.pulled_images(), std::vector<std::string>{"m1.example/library/nginx@" + kDigest});
+  EXPECT_EQ(fake_.RecordNames(),
+            (std::set<std::string>{"docker.io/library/nginx@" + kDigest, kId}));
+}
+
+TEST_F(PullServiceTest, UnknownFieldsReachContainerd) {
+  fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
+  runtime::v1::PullImageRequest req = Request("nginx", "default");
+  // Fields a newer kubelet may send that this daemon does not declare.
+  req.GetReflection()->MutableUnknownFields(&req)->AddLengthDelimited(99, "from-the-future");
+  auto* spec = req.mutable_image();
+  spec->GetReflection()->MutableUnknownFields(spec)->AddVarint(77, 12345);
+  (*spec->mutable_annotations())["k"] = "v";
+  std::string bytes = req.SerializeAsString();
+  // And one as raw wire bytes: field 100, length-delimited "raw".
+  bytes += std::string(
+      "\xa2\x06\x03"
+      "raw",
+      6);
+
+  ASSERT_TRUE(Service().PullImage(CriVersion::kV1, bytes, {}).status.ok());
+  const auto pulls = fake_.pulls();
+  ASSERT_EQ(pulls.size(), 1u);
+  const runtime::v1::PullImageRequest& got = pulls[0].parsed;
+  EXPECT_EQ(got.image().image(), "m1.example/library/nginx:latest");
+  const auto& unknown = got.GetReflection()->GetUnknownFields(got);
+  ASSERT_EQ(unknown.field_count(), 2);
+  EXPECT_EQ(unknown.field(0).number(), 99);
+  EXPECT_EQ(unknown.field(0).length_delimited(), "from-the-future");
+  EXPECT_EQ(unknown.field(1).number(), 100);
+  EXPECT_EQ(unknown.field(1).length_delimited(), "raw");
+  const auto& spec_unknown = got.image().GetReflection()->GetUnknownFields(got.image());
+  ASSERT_EQ(spec_unknown.field_count(), 1);
+  EXPECT_EQ(spec_unknown.field(0).number(), 77);
+  EXPECT_EQ(spec_unknown.field(0).varint(), 12345u);
+  EXPECT_EQ(got.image().annotations().at("k"), "v");
+}
+
+TEST_F(PullServiceTest, CancellationStopsFurtherAttempts) {
+  Cancellation cancel;
+  fake_.on_pull = [&](const FakeContainerd::PullCall&) { cancel.Cancel(); };
+  fake_.Serve("docker.io/library/nginx:latest", kDigest, kId);
+  CallOptions opts;
+  opts.cancellation = &cancel;
+  InterceptResult r = Pull(Request("nginx", "default"), opts);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_EQ(fake_.pulls().size(), 1u);
+
+  // Cancelled before it started: containerd is not even asked.
+  InterceptResult again = Pull(Request("nginx", "default"), opts);
+  EXPECT_EQ(again.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_EQ(fake_.pulls().size(), 1u);
+}
+
+TEST_F(PullServiceTest, CallOptionsAndVersionReachContainerd) {
+  fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
+  CallOptions opts;
+  opts.deadline = std::chrono::system_clock::now() + std::chrono::hours(1);
+  opts.metadata = {{"x-trace", "abc"}};
+  ASSERT_TRUE(Pull(Request("nginx", "default"), opts, CriVersion::kV1alpha2).status.ok());
+  ASSERT_EQ(fake_.pulls().size(), 1u);
+  EXPECT_EQ(fake_.pulls()[0].v, CriVersion::kV1alpha2);
+  EXPECT_EQ(fake_.pulls()[0].deadline, opts.deadline);
+  EXPECT_EQ(fake_.pulls()[0].metadata, opts.metadata);
+}
+
+TEST_F(PullServiceTest, GarbageRequestIsForwardedAsItCame) {
+  const std::string garbage("\x0a\xff\xff\xff\xff\x0f", 6);  // a length past the end
+  InterceptResult r = Service().PullImage(CriVersion::kV1, garbage, {});
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INTERNAL);  // containerd's answer
+  ASSERT_EQ(fake_.pulls().size(), 1u);
+  EXPECT_TRUE(fake_.pulls()[0].raw);
+  EXPECT_EQ(fake_.pulls()[0].bytes, garbage);
+
+  // Invalid UTF-8 in a string field: protobuf C++ refuses it, containerd's Go code takes it.
+  runtime::v1::PullImageRequest req = Request("nginx", "default");
+  req.mutable_auth()->set_password("caf\xe9");
+  const std::string latin1 = req.SerializeAsString();
+  Service().PullImage(CriVersion::kV1, latin1, {});
+  EXPECT_TRUE(fake_.pulls().back().raw);
+  EXPECT_EQ(fake_.pulls().back().bytes, latin1);
+}
+
+TEST_F(PullServiceTest, RandomBytesNeverCrash) {
+  LogCapture quiet;
+  std::mt19937 rng(42);
+  const std::string seed = Request("nginx:1.25", "default").SerializeAsString();
+  for (int i = 0; i < 2000; ++i) {
+    std::string b = seed;
+    const int flips = 1 + int(rng() % 4);
+    for (int k = 0; k < flips; ++k) b[rng() % b.size()] = static_cast<char>(rng());
+    if (i % 3 == 0) b.resize(rng() % b.size());
+    Service().PullImage(CriVersion::kV1, b, {});
+    Service().StatusNeedsRecovery(CriVersion::kV1, b, b);
+    Service().RecoverStatus(CriVersion::kV1, b, "", {});
+  }
+}
+
+TEST_F(PullServiceTest, AliasWaitEndsCleanlyWhenCriNeverSeesIt) {
+  LogCapture log;
+  fake_.status_never_sees = true;
+  fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
+  InterceptResult r = Pull(Request("nginx", "default"));
+  ASSERT_TRUE(r.status.ok());
+  EXPECT_EQ(ImageRef(r), kId);
+  // 1, 2, 4, ... ms, never past the 2 s budget.
+  ASSERT_GE(sleeps_.size(), 5u);
+  EXPECT_EQ(sleeps_[0], milliseconds(1));
+  EXPECT_EQ(sleeps_[1], milliseconds(2));
+  EXPECT_EQ(sleeps_[2], milliseconds(4));
+  milliseconds total{0};
+  for (auto s : sleeps_) total += s;
+  EXPECT_EQ(total, milliseconds(2000));
+  EXPECT_NE(log.text().find("did not show it within 2000ms"), std::string::npos) << log.text();
+}
+
+TEST_F(PullServiceTest, AliasWaitPollsUntilCriSeesIt) {
+  fake_.status_delay_calls = 3;
+  fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
+  ASSERT_TRUE(Pull(Request("nginx", "default")).status.ok());
+  EXPECT_EQ(sleeps_,
+            (std::vector<milliseconds>{milliseconds(1), milliseconds(2), milliseconds(4)}));
+  EXPECT_EQ(fake_.status_calls.load(), 4);
+}
+
+TEST_F(PullServiceTest, AMovedTagIsAnsweredOnlyOnceCriShowsTheNewImage) {
+  // The node has an older nginx:latest; the mirror serves a newer one.
+  fake_.AddImage("docker.io/library/nginx:latest", kDigest2, kId2);
+  fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
+  fake_.stale_status_calls = 2;
+  InterceptResult r = Pull(Request("nginx", "default"));
+  ASSERT_TRUE(r.status.ok());
+  EXPECT_EQ(ImageRef(r), kId);
+  EXPECT_EQ(sleeps_, (std::vector<milliseconds>{milliseconds(1), milliseconds(2)}));
+  EXPECT_EQ(fake_.Record("docker.io/library/nginx:latest").target_digest, kDigest);
+}
+
+TEST_F(PullServiceTest, AliasFailureStillAnswersWithTheImage) {
+  LogCapture log;
+  fake_.fail_put = true;
+  fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
+  InterceptResult r = Pull(Request("nginx", "default"));
+  ASSERT_TRUE(r.status.ok());
+  EXPECT_EQ(ImageRef(r), kId);
+  // The mirror names are all the node has: they stay.
+  EXPECT_TRUE(fake_.HasRecord("m1.example/library/nginx:latest"));
+  EXPECT_TRUE(fake_.deletes().empty());
+  EXPECT_NE(log.text().find("the image is on the node under the mirror name only"),
+            std::string::npos);
+}
+
+TEST_F(PullServiceTest, ConcurrentPullsOfOneImage) {
+  fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
+  Service();
+  std::vector<std::thread> threads;
+  std::atomic<int> ok{0};
+  for (int i = 0; i < 8; ++i) {
+    threads.emplace_back([&] {
+      InterceptResult r = Pull(Request("nginx", "default"));
+      if (r.status.ok() && ImageRef(r) == kId) ++ok;
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(ok.load(), 8);
+  EXPECT_EQ(fake_.RecordNames(),
+            (std::set<std::string>{"docker.io/library/nginx:latest",
+                                   "docker.io/library/nginx@" + kDigest, kId}));
+}
+
+// ---------------------------------------------------------------------------------------------
+// ImageStatus recovery
+
+std::string StatusRequest(const std::string& image) {
+  runtime::v1::ImageStatusRequest req;
+  req.mutable_image()->set_image(image);
+  return req.SerializeAsString();
+}
+
+std::string Miss() { return runtime::v1::ImageStatusResponse().SerializeAsString(); }
+
+TEST_F(PullServiceTest, StatusNeedsRecovery) {
+  runtime::v1::ImageStatusResponse hit;
+  hit.mutable_image()->set_id(kId);
+  auto& s = Service();
+  EXPECT_FALSE(
+      s.StatusNeedsRecovery(CriVersion::kV1, StatusRequest("nginx"), hit.SerializeAsString()));
+  EXPECT_TRUE(s.StatusNeedsRecovery(CriVersion::kV1, StatusRequest("nginx"), Miss()));
+  // Namespace filters do not apply: the image store is the node's.
+  EXPECT_TRUE(s.StatusNeedsRecovery(CriVersion::kV1alpha2,
+                                    StatusRequest("registry.k8s.io/pause:3.9"), Miss()));
+  EXPECT_FALSE(s.StatusNeedsRecovery(CriVersion::kV1, StatusRequest("example.com/x:1"), Miss()));
+  EXPECT_FALSE(s.StatusNeedsRecovery(CriVersion::kV1, StatusRequest(kId), Miss()));
+  EXPECT_FALSE(s.StatusNeedsRecovery(CriVersion::kV1, StatusRequest("Not A Ref"), Miss()));
+  EXPECT_FALSE(s.StatusNeedsRecovery(CriVersion::kV1, "\xff\xff", Miss()));
+  EXPECT_FALSE(s.StatusNeedsRecovery(CriVersion::kV1, StatusRequest("nginx"), "\xff\xff"));
+  SetConfig("enabled: false\n");
+  EXPECT_FALSE(s.StatusNeedsRecovery(CriVersion::kV1, StatusRequest("nginx"), Miss()));
+}
+
+TEST_F(PullServiceTest, RecoverStatusAliasesAMirrorCopy) {
+  // A pull from m2 whose aliasing never happened (say the daemon restarted mid-way).
+  fake_.AddImage("m2.example/library/nginx:latest", kDigest, kId);
+  runtime::v1::ImageStatusRequest req;
+  req.mutable_image()->set_image("nginx");
+  req.set_verbose(true);
+  req.GetReflection()->MutableUnknownFields(&req)->AddVarint(42, 1);
+  InterceptResult r = Service().RecoverStatus(CriVersion::kV1, req.SerializeAsString(), Miss(), {});
+  ASSERT_TRUE(r.status.ok());
+  runtime::v1::ImageStatusResponse resp;
+  ASSERT_TRUE(resp.ParseFromString(r.response));
+  ASSERT_TRUE(resp.has_image());
+  EXPECT_EQ(resp.image().id(), kId);
+  EXPECT_EQ(fake_.RecordNames(),
+            (std::set<std::string>{"docker.io/library/nginx:latest",
+                                   "docker.io/library/nginx@" + kDigest, kId}));
+  EXPECT_EQ(fake_.Record("docker.io/library/nginx:latest").labels["io.registry-proxy.source"],
+            "m2.example/library/nginx:latest");
+}
+
+TEST_F(PullServiceTest, RecoverStatusLooksAtEveryRuleForTheRepository) {
+  // team-b's rule sent it to k-b; the decision for "any namespace" names k-a first.
+  fake_.AddImage("k-b.example/pause:3.9", kDigest, kId);
+  InterceptResult r = Service().RecoverStatus(
+      CriVersion::kV1, StatusRequest("registry.k8s.io/pause:3.9"), Miss(), {});
+  runtime::v1::ImageStatusResponse resp;
+  ASSERT_TRUE(resp.ParseFromString(r.response));
+  EXPECT_EQ(resp.image().id(), kId);
+  EXPECT_TRUE(fake_.HasRecord("registry.k8s.io/pause:3.9"));
+}
+
+TEST_F(PullServiceTest, RecoverStatusWithoutACopyAnswersTheMiss) {
+  const std::string miss = Miss();
+  InterceptResult r = Service().RecoverStatus(CriVersion::kV1, StatusRequest("nginx"), miss, {});
+  ASSERT_TRUE(r.status.ok());
+  EXPECT_EQ(r.response, miss);
+  EXPECT_TRUE(fake_.RecordNames().empty());
+}
+
+TEST_F(PullServiceTest, RecoverStatusWhenCriNeverSeesTheAliasAnswersTheMiss) {
+  fake_.AddImage("m1.example/library/nginx:latest", kDigest, kId);
+  const std::string miss = Miss();
+  // CRI sees the mirror copy (the first status call) but never the alias.
+  struct HideAfterFirst : CriImageBackend {
+    FakeContainerd* inner;
+    int calls = 0;
+    grpc::Status PullImage(CriVersion v, const runtime::v1::PullImageRequest& q,
+                           const CallOptions& o, runtime::v1::PullImageResponse* p) override {
+      return inner->PullImage(v, q, o, p);
+    }
+    grpc::Status PullImageRaw(CriVersion v, const std::string& q, const CallOptions& o,
+                              std::string* p) override {
+      return inner->PullImageRaw(v, q, o, p);
+    }
+    grpc::Status ImageStatus(CriVersion v, const runtime::v1::ImageStatusRequest& q,
+                             const CallOptions& o, runtime::v1::ImageStatusResponse* p) override {
+      if (calls++ == 0) return inner->ImageStatus(v, q, o, p);
+      return grpc::Status::OK;
+    }
+  } cri;
+  cri.inner = &fake_;
+  PullServiceOptions o;
+  o.alias_wait = milliseconds(5);
+  PullService service([this] { return config_; }, &cri, &fake_, o);
+  InterceptResult r = service.RecoverStatus(CriVersion::kV1, StatusRequest("nginx"), miss, {});
+  ASSERT_TRUE(r.status.ok());
+  EXPECT_EQ(r.response, miss);
+  EXPECT_TRUE(fake_.HasRecord("docker.io/library/nginx:latest"));  // aliased all the same
+}
+
+}  // namespace
+}  // namespace registry_proxy
