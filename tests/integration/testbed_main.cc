@@ -6,6 +6,8 @@
 #include <signal.h>
 
 #include <chrono>
+#include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -17,7 +19,7 @@
 namespace {
 
 constexpr char kUsage[] =
-    R"(Usage: rp-testbed up [--dir DIR] [--mirror-only] [--upstream-host HOST] [--keep]
+    R"(Usage: rp-testbed up [--dir DIR] [--mirror-only] [--upstream-host HOST] [--keep] [--env FILE]
 
 Starts, on loopback: a private containerd (CRI on DIR/containerd/containerd.sock), an
 "upstream" registry that containerd reaches as HOST (default docker.io), and a "mirror"
@@ -30,12 +32,15 @@ then stops everything and removes DIR (kept with --keep).
   --mirror-only        upstream stays empty: pulls by the public name fail unless mirrored
   --upstream-host HOST the public name the upstream registry answers to (default docker.io)
   --keep               keep DIR (logs, data) after stopping
+  --env FILE           also write the same facts as shell assignments (RP_TB_*) to FILE,
+                       once everything is up (for scripts without a JSON parser)
 )";
 
 int Up(const std::vector<std::string>& args) {
   rp_testbed::TestbedOptions opts;
   bool mirror_only = false;
   std::string upstream_host = "docker.io";
+  std::string env_file;
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     auto value = [&](std::string* out) {
@@ -47,6 +52,8 @@ int Up(const std::vector<std::string>& args) {
       if (!value(&opts.dir)) return std::cerr << "--dir needs a value\n", 2;
     } else if (a == "--upstream-host") {
       if (!value(&upstream_host)) return std::cerr << "--upstream-host needs a value\n", 2;
+    } else if (a == "--env") {
+      if (!value(&env_file)) return std::cerr << "--env needs a value\n", 2;
     } else if (a == "--mirror-only") {
       mirror_only = true;
     } else if (a == "--keep") {
@@ -114,6 +121,27 @@ int Up(const std::vector<std::string>& args) {
   j["deadHost"] = rp_testbed::kDeadHost;
   j["startupSeconds"] = took;
   std::cout << j.dump() << std::endl;
+  if (!env_file.empty()) {
+    // Values are paths, hosts and digests from this program; single quotes keep them inert.
+    auto q = [](const std::string& v) {
+      std::string out = "'";
+      for (char c : v) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+      return out + "'";
+    };
+    std::string tmp = env_file + ".tmp";
+    {
+      std::ofstream env(tmp);
+      env << "RP_TB_DIR=" << q(bed.dir()) << "\n"
+          << "RP_TB_CONTAINERD=" << q((*cd)->endpoint()) << "\n"
+          << "RP_TB_UPSTREAM=" << q((*upstream)->host()) << "\n"
+          << "RP_TB_UPSTREAM_AS=" << q(upstream_host) << "\n"
+          << "RP_TB_UPSTREAM_LOG=" << q((*upstream)->log_path()) << "\n"
+          << "RP_TB_MIRROR=" << q((*mirror)->host()) << "\n"
+          << "RP_TB_MIRROR_LOG=" << q((*mirror)->log_path()) << "\n"
+          << "RP_TB_IMAGE_DIGEST=" << q(*digest) << "\n";
+    }
+    std::rename(tmp.c_str(), env_file.c_str());  // appears complete or not at all
+  }
 
   int sig = signals.Wait();
   std::cerr << "rp-testbed: signal " << sig << ", stopping\n";
