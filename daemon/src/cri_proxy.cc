@@ -9,6 +9,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <mutex>
 #include <unordered_map>
 #include <vector>
 
@@ -245,8 +246,12 @@ class CriProxy::Call {
   // counted here, on the completion-queue thread, before the worker exists.
   void StartIntercepted(std::function<InterceptResult()> work) {
     ++ops_;
+    worker_used_ = true;
     bool started = proxy_->StartWorker([this, work = std::move(work)] {
       InterceptResult r = work();
+      // Held until Finish has returned: MaybeDelete takes it before deleting, so the call
+      // cannot go away under a worker still on its way out of gRPC.
+      std::lock_guard<std::mutex> lock(worker_mu_);
       final_code_ = r.status.error_code();
       if (r.status.ok()) {
         response_ = ToByteBuffer(r.response);
@@ -254,7 +259,6 @@ class CriProxy::Call {
       } else {
         stream_.Finish(r.status, &sfinish_tag_);
       }
-      // `this` may be deleted from here on.
     });
     if (!started) {
       --ops_;
@@ -368,6 +372,7 @@ class CriProxy::Call {
   void MaybeDelete() {
     if (ops_ > 0) return;
     if (requested_ && (!done_ || !server_finished_)) return;
+    if (worker_used_) std::lock_guard<std::mutex> wait_for_worker(worker_mu_);
     if (requested_ && proxy_->observer_) {
       proxy_->observer_->OnCallDone(sctx_.method(), final_code_,
                                     std::chrono::steady_clock::now() - started_);
@@ -387,6 +392,9 @@ class CriProxy::Call {
   MethodInfo info_{Kind::kStream, CriVersion::kV1};
   std::chrono::steady_clock::time_point started_;
   grpc::StatusCode final_code_ = grpc::StatusCode::UNKNOWN;
+
+  std::mutex worker_mu_;  // see StartIntercepted
+  bool worker_used_ = false;
 
   int ops_ = 0;  // operations started and not yet completed
   bool requested_ = false;

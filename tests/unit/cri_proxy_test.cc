@@ -190,9 +190,12 @@ class FakeInterceptor : public ImageInterceptor {
   InterceptResult PullImage(CriVersion v, const std::string& request,
                             const CallOptions& opts) override {
     pulls++;
-    last_version = v;
-    last_request = request;
-    last_metadata = opts.metadata;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      last_version = v;
+      last_request = request;
+      last_metadata = opts.metadata;
+    }
     if (block_pulls) {
       // Like a pull that takes minutes: only the caller's cancellation ends it.
       while (!opts.cancellation->cancelled()) std::this_thread::sleep_for(1ms);
@@ -212,6 +215,13 @@ class FakeInterceptor : public ImageInterceptor {
 
   std::atomic<int> pulls{0}, recovered{0}, pull_saw_cancel{0};
   std::atomic<bool> block_pulls{false};
+  CriVersion Version() {
+    std::lock_guard<std::mutex> lock(mu);
+    return last_version;
+  }
+
+  // Written on the proxy's worker threads; read by the test after the call returned.
+  std::mutex mu;
   CriVersion last_version = CriVersion::kV1;
   std::string last_request;
   std::vector<std::pair<std::string, std::string>> last_metadata;
@@ -275,6 +285,7 @@ class ProxyTest : public ::testing::Test {
   fs::path dir_;
   std::string upstream_path_, listen_path_;
   std::unique_ptr<FakeUpstream> upstream_;
+  FakeInterceptor icpt_;  // declared before proxy_: it must outlive the proxy
   std::unique_ptr<CriProxy> proxy_;
   std::shared_ptr<grpc::Channel> channel_;
 };
@@ -389,7 +400,7 @@ TEST_F(ProxyTest, CancellationReachesUpstream) {
 }
 
 TEST_F(ProxyTest, PullIsInterceptedAndNeverBlocksOtherCalls) {
-  FakeInterceptor icpt;
+  FakeInterceptor& icpt = icpt_;
   icpt.block_pulls = true;
   StartProxy(&icpt);
   // A pull that never ends by itself, on a background thread.
@@ -411,24 +422,25 @@ TEST_F(ProxyTest, PullIsInterceptedAndNeverBlocksOtherCalls) {
     std::this_thread::sleep_for(2ms);
   EXPECT_EQ(icpt.pull_saw_cancel.load(), 1);
   bool saw_md = false;
+  std::lock_guard<std::mutex> lock(icpt.mu);
   for (auto& [k, v] : icpt.last_metadata) saw_md |= (k == "x-in" && v == "md");
   EXPECT_TRUE(saw_md);
 }
 
 TEST_F(ProxyTest, PullResultAndVersions) {
-  FakeInterceptor icpt;
+  FakeInterceptor& icpt = icpt_;
   StartProxy(&icpt);
   Reply r = Unary("/runtime.v1alpha2.ImageService/PullImage", "abc");
   ASSERT_TRUE(r.status.ok());
   EXPECT_EQ(r.body, "pulled:abc");
-  EXPECT_EQ(icpt.last_version, CriVersion::kV1alpha2);
+  EXPECT_EQ(icpt.Version(), CriVersion::kV1alpha2);
   Reply v1 = Unary("/runtime.v1.ImageService/PullImage", "xyz");
   EXPECT_EQ(v1.body, "pulled:xyz");
-  EXPECT_EQ(icpt.last_version, CriVersion::kV1);
+  EXPECT_EQ(icpt.Version(), CriVersion::kV1);
 }
 
 TEST_F(ProxyTest, StatusMissIsRecoveredHitPassesThrough) {
-  FakeInterceptor icpt;
+  FakeInterceptor& icpt = icpt_;
   StartProxy(&icpt);
   // The fake upstream echoes the request: "miss" comes back as the response.
   Reply miss = Unary("/runtime.v1.ImageService/ImageStatus", "miss");
@@ -546,7 +558,7 @@ TEST_F(ProxyTest, RefusesToReplaceANonSocket) {
 }
 
 TEST_F(ProxyTest, GracefulShutdownLetsInFlightCallsFinish) {
-  FakeInterceptor icpt;
+  FakeInterceptor& icpt = icpt_;
   icpt.block_pulls = true;
   StartProxy(&icpt);
   auto pull = std::async(std::launch::async, [&] {
