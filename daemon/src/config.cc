@@ -10,28 +10,26 @@
 // builds a Config when there are none.
 #include "config.h"
 
-#include <fcntl.h>
 #include <openssl/evp.h>
 #include <spdlog/spdlog.h>
-#include <sys/stat.h>
-#include <unistd.h>
 #include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/exceptions.h>
 #include <yaml-cpp/mark.h>
 #include <yaml-cpp/parser.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstdint>
 #include <deque>
-#include <initializer_list>
 #include <map>
 #include <new>
 #include <optional>
 #include <sstream>
-#include <system_error>
 #include <unordered_map>
 #include <utility>
+#include <variant>
+
+#include "file_util.h"
+#include "string_util.h"
 
 namespace registry_proxy {
 namespace {
@@ -64,40 +62,8 @@ Pos ToPos(const YAML::Mark& m) {
   return {m.line + 1, m.column < 0 ? 0 : m.column + 1};
 }
 
-std::string Cat(std::initializer_list<std::string_view> parts) {
-  size_t n = 0;
-  for (auto p : parts) n += p.size();
-  std::string out;
-  out.reserve(n);
-  for (auto p : parts) out.append(p);
-  return out;
-}
-
-// Text from the file, on one line (control characters escaped) and capped at 80 bytes, so a
-// megabyte of garbage yields a short error.
-constexpr size_t kMaxQuoted = 80;
-std::string Escape(std::string_view s) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  // Cut on a character boundary: the input is UTF-8 and messages must stay UTF-8 (JSON).
-  size_t n = std::min(s.size(), kMaxQuoted);
-  while (n < s.size() && n > 0 && (static_cast<unsigned char>(s[n]) & 0xc0) == 0x80) --n;
-  std::string out;
-  for (size_t i = 0; i < n; ++i) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    if (c == '\n') {
-      out += "\\n";
-    } else if (c < 0x20 || c == 0x7f) {
-      out += "\\x";
-      out.push_back(kHex[c >> 4]);
-      out.push_back(kHex[c & 0xf]);
-    } else {
-      out.push_back(static_cast<char>(c));
-    }
-  }
-  return out;
-}
-
-// Messages from other modules may quote input raw; ErrorText is one line per error.
+// Text on one line: newlines as \n, other control characters hex-escaped. Messages from other
+// modules may quote input raw; ErrorText is one line per error.
 std::string OneLine(std::string_view s) {
   static constexpr char kHex[] = "0123456789abcdef";
   std::string out;
@@ -115,6 +81,16 @@ std::string OneLine(std::string_view s) {
     }
   }
   return out;
+}
+
+// Text from the file, on one line (control characters escaped) and capped at 80 bytes, so a
+// megabyte of garbage yields a short error.
+constexpr size_t kMaxQuoted = 80;
+std::string Escape(std::string_view s) {
+  // Cut on a character boundary: the input is UTF-8 and messages must stay UTF-8 (JSON).
+  size_t n = std::min(s.size(), kMaxQuoted);
+  while (n < s.size() && n > 0 && (static_cast<unsigned char>(s[n]) & 0xc0) == 0x80) --n;
+  return OneLine(s.substr(0, n));
 }
 
 // A value for a message: 'value', or 'value...'...(N bytes) when long.
@@ -169,7 +145,7 @@ std::string_view Suggest(std::string_view word, const std::vector<std::string_vi
 // Puts "what 'value'" in front of a message from another module unless it already names it.
 std::string About(std::string_view what, std::string_view value, const std::string& msg) {
   if (!value.empty() && msg.find(value) != std::string::npos) return msg;
-  return Cat({what, " ", Quote(value), ": ", msg});
+  return StrCat({what, " ", Quote(value), ": ", msg});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -433,7 +409,7 @@ Result<std::string> SocketAddress(std::string_view s) {
     return Status::Error("socket path " + Quote(path) + " is longer than " +
                          std::to_string(kMaxUnixPath) + " bytes, the limit for unix sockets");
   }
-  return Cat({kUnix, path});
+  return StrCat({kUnix, path});
 }
 
 // containerd's identifier rule: alphanumeric runs joined by single '.', '_' or '-'; <= 76.
@@ -454,9 +430,9 @@ Status ContainerdNamespace(std::string_view s) {
 Status ListenAddress(std::string_view s) {
   if (s.empty()) return Status::Ok();
   auto fail = [&](std::string_view why) {
-    return Status::Error(Cat({"address ", Quote(s), " ", why,
-                              " (write host:port, e.g. '127.0.0.1:9464' or '[::1]:9464', or '' "
-                              "to turn metrics off)"}));
+    return Status::Error(StrCat({"address ", Quote(s), " ", why,
+                                 " (write host:port, e.g. '127.0.0.1:9464' or '[::1]:9464', or '' "
+                                 "to turn metrics off)"}));
   };
   std::string_view host, port;
   if (s.front() == '[') {
@@ -561,7 +537,7 @@ bool MirrorLoops(const Mirror& m, std::string_view match) {
   if (path.empty()) return true;
   // Any repository under `path` becomes prefix/path/...; check it still starts with `path`.
   const std::string rewritten =
-      m.path_prefix.empty() ? std::string(path) : Cat({m.path_prefix, "/", path});
+      m.path_prefix.empty() ? std::string(path) : StrCat({m.path_prefix, "/", path});
   return rewritten.compare(0, path.size(), path) == 0 &&
          (rewritten.size() == path.size() || rewritten[path.size()] == '/');
 }
@@ -602,7 +578,7 @@ struct Entry {
 std::string Child(const std::string& field, std::string_view key) {
   std::string k = Escape(key);
   if (key.size() > kMaxQuoted) k += "...";
-  return field.empty() ? k : Cat({field, ".", k});
+  return field.empty() ? k : StrCat({field, ".", k});
 }
 std::string Index(const std::string& field, size_t i) {
   return field + "[" + std::to_string(i) + "]";
@@ -686,7 +662,7 @@ class Loader {
   void NodeSection(const Item& it, NodeSettings& node, Pos& listen_pos, Pos& upstream_pos);
 
   std::string Origin(std::string_view what, Pos pos) const {
-    return Cat({what, " (", source_, ":", std::to_string(pos.line), ")"});
+    return StrCat({what, " (", source_, ":", std::to_string(pos.line), ")"});
   }
 
   std::string source_;
@@ -780,10 +756,10 @@ std::optional<std::vector<Entry>> Loader::Map(const Item& it,
     if (known && std::find(known->begin(), known->end(), k.value) == known->end()) {
       std::string msg = "unknown key " + Quote(k.value);
       if (std::string_view s = Suggest(k.value, *known); !s.empty()) {
-        msg += Cat({"; did you mean '", s, "'?"});
+        msg += StrCat({"; did you mean '", s, "'?"});
       } else if (known == &kTopKeys &&
                  std::find(kNodeKeys.begin(), kNodeKeys.end(), k.value) != kNodeKeys.end()) {
-        msg += Cat({"; it belongs under 'node:'"});
+        msg += StrCat({"; it belongs under 'node:'"});
       } else if (known == &kTopKeys && k.value == "includeRegistries") {
         // In the earlier tool's README but never read by it: registries come from proxies.
         msg += "; registries are the keys of proxies (and the match of rules)";
@@ -791,7 +767,7 @@ std::optional<std::vector<Entry>> Loader::Map(const Item& it,
         msg = "merge keys ('<<') are not supported; repeat the keys or use an alias for the value";
       } else {
         msg += "; known keys are ";
-        for (size_t j = 0; j < known->size(); ++j) msg += Cat({j ? ", " : "", (*known)[j]});
+        for (size_t j = 0; j < known->size(); ++j) msg += StrCat({j ? ", " : "", (*known)[j]});
       }
       Error(k.pos, field, std::move(msg));
       continue;
@@ -904,10 +880,10 @@ std::optional<Mirror> Loader::ParseMirror(std::string_view host, const Pos& pos,
   if (host.empty()) {
     msg = "mirror host is empty";
   } else if (const size_t scheme = host.find("://"); scheme != std::string_view::npos) {
-    msg = Cat({"mirror ", Quote(host), " must not have a scheme ('", host.substr(0, scheme + 3),
-               "'): schemes are not allowed; write the host only, e.g. ",
-               Quote(host.substr(scheme + 3)),
-               " (HTTP or HTTPS is containerd's registry config, hosts.toml)"});
+    msg = StrCat({"mirror ", Quote(host), " must not have a scheme ('", host.substr(0, scheme + 3),
+                  "'): schemes are not allowed; write the host only, e.g. ",
+                  Quote(host.substr(scheme + 3)),
+                  " (HTTP or HTTPS is containerd's registry config, hosts.toml)"});
   } else if (HasSpace(host)) {
     msg = "mirror host " + Quote(host) + " must not contain spaces";
   } else if (HasUpper(host)) {
@@ -929,16 +905,16 @@ std::optional<std::string> Loader::ParseMatch(const Item& it, std::string_view w
   std::string msg;
   const std::string_view first = std::string_view(*s).substr(0, s->find('/'));
   if (s->find("://") != std::string::npos) {
-    msg = Cat({what, " ", Quote(*s), " must not have a scheme: write the registry host, e.g. ",
-               Quote(s->substr(s->find("://") + 3))});
+    msg = StrCat({what, " ", Quote(*s), " must not have a scheme: write the registry host, e.g. ",
+                  Quote(s->substr(s->find("://") + 3))});
   } else if (HasSpace(*s)) {
-    msg = Cat({what, " ", Quote(*s), " must not contain spaces"});
+    msg = StrCat({what, " ", Quote(*s), " must not contain spaces"});
   } else if (HasUpper(*s)) {
     // Image names never carry upper case after normalisation, so this would never match.
-    msg = Cat({what, " ", Quote(*s), " must be lowercase"});
+    msg = StrCat({what, " ", Quote(*s), " must be lowercase"});
   } else if (!s->empty() && !LooksLikeHost(first)) {
-    msg = Cat({what, " ", Quote(*s), " must start with a registry host (a name with a '.' or ",
-               "':port', or 'localhost'), e.g. 'docker.io/", *s, "'"});
+    msg = StrCat({what, " ", Quote(*s), " must start with a registry host (a name with a '.' or ",
+                  "':port', or 'localhost'), e.g. 'docker.io/", *s, "'"});
   } else {
     auto m = NormalizeMatch(*s);
     if (m.ok()) return std::move(m).value();
@@ -1164,7 +1140,7 @@ void Loader::PullsWithoutNamespace(const Item& it, PolicyOptions& options) {
         std::string msg =
             "policy " + Quote(*policy) + " is not one of rewrite, passthrough, asNamespace";
         if (std::string_view s = Suggest(*policy, kNoNamespacePolicies); !s.empty()) {
-          msg += Cat({"; did you mean '", s, "'?"});
+          msg += StrCat({"; did you mean '", s, "'?"});
         }
         Error(e.value.pos, e.value.field, std::move(msg));
         policy.reset();
@@ -1354,38 +1330,14 @@ ConfigLoad ParseConfig(std::string_view yaml, std::string_view source) {
 
 ConfigLoad LoadConfigFile(const std::string& path) {
   try {
-    // O_NONBLOCK: a FIFO at the path must not hang the reload; only regular files are read.
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
-    if (fd < 0) {
-      return OneError(path, "cannot open config file: " + std::system_category().message(errno));
-    }
-    struct Closer {
-      int fd;
-      ~Closer() { ::close(fd); }
-    } closer{fd};
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-      return OneError(path, "cannot stat config file: " + std::system_category().message(errno));
-    }
-    if (S_ISDIR(st.st_mode)) return OneError(path, "config path is a directory, not a file");
-    if (!S_ISREG(st.st_mode)) return OneError(path, "config path is not a regular file");
-    if (static_cast<uint64_t>(st.st_size) > kMaxConfigBytes) {
-      return OneError(path, TooBig(static_cast<size_t>(st.st_size)));
-    }
-    // Read to EOF rather than trusting st_size: the file may change while we read.
-    std::string data;
-    char buf[65536];
-    while (data.size() <= kMaxConfigBytes) {
-      const ssize_t n = ::read(fd, buf, sizeof buf);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        return OneError(path, "cannot read config file: " + std::system_category().message(errno));
+    auto file = ReadRegularFile(path, kMaxConfigBytes);
+    if (const auto* e = std::get_if<FileError>(&file)) {
+      if (e->kind == FileError::Kind::kTooBig) {
+        return OneError(path, TooBig(static_cast<size_t>(e->size)));
       }
-      if (n == 0) break;
-      data.append(buf, static_cast<size_t>(n));
+      return OneError(path, e->Message("config file"));
     }
-    if (data.size() > kMaxConfigBytes) return OneError(path, TooBig(data.size()));
-    return ParseConfig(data, path);
+    return ParseConfig(std::get<FileContents>(file).data, path);
   } catch (const std::exception& e) {
     return OneError(path, std::string("internal error while loading the config: ") + e.what());
   } catch (...) {

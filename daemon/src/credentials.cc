@@ -6,18 +6,17 @@
 // message: errors name keys and positions only.
 #include "credentials.h"
 
-#include <fcntl.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
-#include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <set>
-#include <system_error>
 #include <utility>
+#include <variant>
 #include <vector>
+
+#include "file_util.h"
 
 namespace registry_proxy {
 namespace {
@@ -263,41 +262,16 @@ Result<std::shared_ptr<const Credentials>> Credentials::Parse(std::string_view y
 }
 
 Result<std::shared_ptr<const Credentials>> Credentials::LoadFile(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
-  if (fd < 0) {
-    return Status::Error(
-        path + ": cannot open credentials file: " + std::system_category().message(errno));
+  auto file = ReadRegularFile(path, kMaxBytes);
+  if (const auto* e = std::get_if<FileError>(&file)) {
+    return Status::Error(path + ": " + e->Message("credentials file"));
   }
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{fd};
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    return Status::Error(
-        path + ": cannot stat credentials file: " + std::system_category().message(errno));
-  }
-  if (!S_ISREG(st.st_mode)) return Status::Error(path + ": credentials file is not a regular file");
-  if (static_cast<uint64_t>(st.st_size) > kMaxBytes) {
-    return Status::Error(path + ": credentials file is larger than 1 MiB");
-  }
-  if (st.st_mode & (S_IRGRP | S_IROTH)) {
+  const FileContents& f = std::get<FileContents>(file);
+  if (f.mode & (S_IRGRP | S_IROTH)) {
     spdlog::warn("credentials file {} is readable by {} (mode {:o}); chmod 600 it", path,
-                 (st.st_mode & S_IROTH) ? "everyone" : "its group", st.st_mode & 0777);
+                 (f.mode & S_IROTH) ? "everyone" : "its group", f.mode & 0777);
   }
-  std::string data;
-  char buf[16384];
-  while (data.size() <= kMaxBytes) {
-    const ssize_t n = ::read(fd, buf, sizeof buf);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return Status::Error(
-          path + ": cannot read credentials file: " + std::system_category().message(errno));
-    }
-    if (n == 0) break;
-    data.append(buf, static_cast<size_t>(n));
-  }
-  return Parse(data, path);
+  return Parse(f.data, path);
 }
 
 const RegistryAuth* Credentials::Find(std::string_view name) const {

@@ -11,6 +11,7 @@
 #include <string>
 #include <string_view>
 
+#include "grpc_status.h"  // re-exported: GrpcCodeName, GrpcStatusText
 #include "k8s.io/cri-api/pkg/apis/runtime/v1/api.grpc.pb.h"
 #include "status.h"
 
@@ -22,12 +23,6 @@ inline constexpr char kDefaultCriEndpoint[] = "unix:///run/registry-proxy/regist
 // "unix:///path", "unix:/path" or "/path" -> "unix:///path"; anything else is an error
 // (the CRI is only ever served on a local socket here).
 Result<std::string> NormalizeCriEndpoint(std::string_view endpoint);
-
-// "NOT_FOUND", "UNAVAILABLE", ... as gRPC spells them.
-std::string_view GrpcCodeName(grpc::StatusCode code);
-
-// "UNAVAILABLE: message" (the message unchanged).
-std::string GrpcStatusText(const grpc::Status& s);
 
 class CriClient {
  public:

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <utility>
 
+#include "string_util.h"
+
 namespace registry_proxy {
 namespace {
 
@@ -13,15 +15,6 @@ bool IsNamespaceChar(char c) {
 // Is the first path component of `s` (up to '/') a registry host by the reference grammar?
 bool LooksLikeHost(std::string_view first) {
   return first.find_first_of(".:") != std::string_view::npos || first == "localhost";
-}
-
-std::string Join(std::initializer_list<std::string_view> parts) {
-  size_t n = 0;
-  for (auto p : parts) n += p.size();
-  std::string out;
-  out.reserve(n);
-  for (auto p : parts) out.append(p);
-  return out;
 }
 
 }  // namespace
@@ -36,9 +29,9 @@ Result<Glob> Glob::Parse(std::string_view pattern) {
   }
   for (char c : pattern) {
     if (!IsNamespaceChar(c) && c != '*' && c != '?') {
-      return Status::Error(Join({"bad namespace pattern '", pattern,
-                                 "': use lowercase letters, digits, '-', and the wildcards '*' "
-                                 "(any run of characters) and '?' (one character)"}));
+      return Status::Error(StrCat({"bad namespace pattern '", pattern,
+                                   "': use lowercase letters, digits, '-', and the wildcards '*' "
+                                   "(any run of characters) and '?' (one character)"}));
     }
   }
   return Glob(std::string(pattern));
@@ -89,22 +82,23 @@ bool NamespaceFilter::Included(std::string_view ns) const {
 Result<Mirror> Mirror::Parse(std::string_view host) {
   if (host.empty()) return Status::Error("mirror host is empty");
   if (host.find("://") != std::string_view::npos) {
-    return Status::Error(Join({"mirror '", host,
-                               "' has a scheme: write the registry host only (e.g. "
-                               "'mirror.example.com' or 'harbor.corp/proxy'); whether it speaks "
-                               "HTTP or HTTPS is containerd's registry config (hosts.toml)"}));
+    return Status::Error(StrCat({"mirror '", host,
+                                 "' has a scheme: write the registry host only (e.g. "
+                                 "'mirror.example.com' or 'harbor.corp/proxy'); whether it speaks "
+                                 "HTTP or HTTPS is containerd's registry config (hosts.toml)"}));
   }
   Mirror m;
   m.host = std::string(host);
   size_t slash = host.find('/');
   std::string_view domain = host.substr(0, slash);
   if (!LooksLikeHost(domain)) {
-    return Status::Error(Join({"mirror '", host, "' does not start with a registry host: '", domain,
-                               "' would be read as a Docker Hub repository; a host needs a '.', "
-                               "a ':port', or to be 'localhost'"}));
+    return Status::Error(
+        StrCat({"mirror '", host, "' does not start with a registry host: '", domain,
+                "' would be read as a Docker Hub repository; a host needs a '.', "
+                "a ':port', or to be 'localhost'"}));
   }
   if (Status s = ValidateDomain(domain); !s.ok()) {
-    return Status::Error(Join({"mirror '", host, "': ", s.message()}));
+    return Status::Error(StrCat({"mirror '", host, "': ", s.message()}));
   }
   m.domain = std::string(domain);
   if (slash != std::string_view::npos) {
@@ -114,10 +108,10 @@ Result<Mirror> Mirror::Parse(std::string_view host) {
       m.host = m.domain;
     } else {
       if (Status s = ValidatePath(prefix); !s.ok()) {
-        return Status::Error(Join({"mirror '", host, "' has a bad path prefix: ", s.message()}));
+        return Status::Error(StrCat({"mirror '", host, "' has a bad path prefix: ", s.message()}));
       }
       m.path_prefix = std::string(prefix);
-      m.host = Join({m.domain, "/", m.path_prefix});
+      m.host = StrCat({m.domain, "/", m.path_prefix});
     }
   }
   return m;
@@ -165,21 +159,21 @@ Result<std::string> NormalizeMatch(std::string_view match) {
       slash == std::string_view::npos ? std::string_view() : match.substr(slash + 1);
   if (!LooksLikeHost(domain)) {
     return Status::Error(
-        Join({"match '", match, "' does not start with a registry host; write 'docker.io/", match,
-              "' for a Docker Hub organisation or 'docker.io/library/", match,
-              "' for an official image"}));
+        StrCat({"match '", match, "' does not start with a registry host; write 'docker.io/", match,
+                "' for a Docker Hub organisation or 'docker.io/library/", match,
+                "' for an official image"}));
   }
   if (Status s = ValidateDomain(domain); !s.ok()) {
-    return Status::Error(Join({"match '", match, "': ", s.message()}));
+    return Status::Error(StrCat({"match '", match, "': ", s.message()}));
   }
   if (!rest.empty()) {
     if (Status s = ValidatePath(rest); !s.ok()) {
-      return Status::Error(Join({"match '", match, "': ", s.message()}));
+      return Status::Error(StrCat({"match '", match, "': ", s.message()}));
     }
   }
   if (domain == kLegacyDefaultDomain) domain = kDefaultDomain;
   if (rest.empty()) return std::string(domain);
-  return Join({domain, "/", rest});
+  return StrCat({domain, "/", rest});
 }
 
 Result<std::shared_ptr<const Policy>> Policy::Create(PolicyOptions options,
@@ -296,11 +290,11 @@ Decision Policy::Decide(std::string_view image, const PullContext& ctx) const {
     if (const Glob* g = options_.namespaces.ExcludedBy(*ns)) {
       return unchanged(
           DecisionReason::kNamespaceExcluded,
-          Join({"namespace '", *ns, "' is excluded (excludeNamespaces: '", g->pattern(), "')"}));
+          StrCat({"namespace '", *ns, "' is excluded (excludeNamespaces: '", g->pattern(), "')"}));
     }
     if (!options_.namespaces.Included(*ns)) {
       return unchanged(DecisionReason::kNamespaceNotIncluded,
-                       Join({"namespace '", *ns, "' is not in includeNamespaces"}));
+                       StrCat({"namespace '", *ns, "' is not in includeNamespaces"}));
     }
   }
   if (ctx.pod_labels && !ctx.any_namespace && !options_.pod_selector.empty()) {
@@ -308,13 +302,13 @@ Decision Policy::Decide(std::string_view image, const PullContext& ctx) const {
       auto it = ctx.pod_labels->find(k);
       if (it == ctx.pod_labels->end() || it->second != v) {
         return unchanged(DecisionReason::kPodSelector,
-                         Join({"the pod's labels do not match podSelector (", k, "=", v, ")"}));
+                         StrCat({"the pod's labels do not match podSelector (", k, "=", v, ")"}));
       }
     }
   }
 
   // Longest matching prefix first: "docker.io/bitnami/redis", "docker.io/bitnami", "docker.io".
-  std::string name = Join({ref.domain, "/", ref.path});
+  std::string name = StrCat({ref.domain, "/", ref.path});
   const Rule* rule = nullptr;
   const Rule* rejected_by_namespace = nullptr;
   std::string_view prefix = name;
@@ -338,15 +332,16 @@ Decision Policy::Decide(std::string_view image, const PullContext& ctx) const {
     if (rejected_by_namespace) {
       return unchanged(
           DecisionReason::kRuleNamespace,
-          Join({"namespace '", *ns, "' is not selected by ", rejected_by_namespace->origin,
-                " (match ", rejected_by_namespace->match, ")"}),
+          StrCat({"namespace '", *ns, "' is not selected by ", rejected_by_namespace->origin,
+                  " (match ", rejected_by_namespace->match, ")"}),
           rejected_by_namespace);
     }
-    return unchanged(DecisionReason::kNoRule, Join({"no rule matches ", name}));
+    return unchanged(DecisionReason::kNoRule, StrCat({"no rule matches ", name}));
   }
   if (rule->digest_only && ref.digest.empty()) {
     return unchanged(DecisionReason::kDigestOnly,
-                     Join({rule->origin, " is digestOnly and the reference has no digest"}), rule);
+                     StrCat({rule->origin, " is digestOnly and the reference has no digest"}),
+                     rule);
   }
 
   Decision d;
@@ -367,17 +362,17 @@ Decision Policy::Decide(std::string_view image, const PullContext& ctx) const {
   const size_t mirrors = d.candidates.size();
   if (mirrors == 0) {
     return unchanged(DecisionReason::kNoRule,
-                     Join({rule->origin,
-                           ": every mirror name would be longer than 255 "
-                           "characters; passed through"}),
+                     StrCat({rule->origin,
+                             ": every mirror name would be longer than 255 "
+                             "characters; passed through"}),
                      rule);
   }
   if (rule->fallback) d.candidates.push_back(Candidate{std::string(image), true, nullptr});
-  d.detail = Join({"matched ", rule->origin, " (match ", rule->match,
-                   "): ", std::to_string(mirrors), mirrors == 1 ? " mirror" : " mirrors",
-                   rule->fallback ? ", then upstream" : ", no fallback to upstream"});
+  d.detail = StrCat({"matched ", rule->origin, " (match ", rule->match,
+                     "): ", std::to_string(mirrors), mirrors == 1 ? " mirror" : " mirrors",
+                     rule->fallback ? ", then upstream" : ", no fallback to upstream"});
   if (skipped) {
-    d.detail += Join({"; ", std::to_string(skipped), " skipped (name longer than 255)"});
+    d.detail += StrCat({"; ", std::to_string(skipped), " skipped (name longer than 255)"});
   }
   return d;
 }
