@@ -95,6 +95,49 @@ PullService::PullService(ConfigSource config, CriImageBackend* cri, ImageRecordS
   }
 }
 
+// Counts one pull of a mirror name as in containerd for its lifetime; the last pull to
+// leave drops the names an alias left pending.
+class PullService::MirrorPullScope {
+ public:
+  MirrorPullScope(PullService* s, std::string name) : s_(s), name_(std::move(name)) {
+    std::lock_guard lock(s_->mirror_pulls_mu_);
+    ++s_->mirror_pulls_[name_].in_flight;
+  }
+  ~MirrorPullScope() {
+    std::lock_guard lock(s_->mirror_pulls_mu_);
+    auto it = s_->mirror_pulls_.find(name_);
+    if (--it->second.in_flight > 0) return;
+    std::vector<std::string> drop = std::move(it->second.pending_drop);
+    s_->mirror_pulls_.erase(it);
+    for (const std::string& n : drop) s_->DeleteRecord(n);
+  }
+  MirrorPullScope(const MirrorPullScope&) = delete;
+  MirrorPullScope& operator=(const MirrorPullScope&) = delete;
+
+ private:
+  PullService* s_;
+  std::string name_;
+};
+
+void PullService::DropMirrorNames(const std::string& mirror_name, std::vector<std::string> names) {
+  std::lock_guard lock(mirror_pulls_mu_);
+  if (auto it = mirror_pulls_.find(mirror_name); it != mirror_pulls_.end()) {
+    auto& pending = it->second.pending_drop;
+    for (auto& n : names) {
+      if (std::find(pending.begin(), pending.end(), n) == pending.end()) pending.push_back(n);
+    }
+    return;  // another pull of this name is still in containerd; the last one drops them
+  }
+  for (const std::string& n : names) DeleteRecord(n);
+}
+
+void PullService::DeleteRecord(const std::string& name) {
+  if (grpc::Status ds = records_->Delete(name); !ds.ok()) {
+    // Harmless for pulls (the original names exist); the mirror name just stays visible.
+    spdlog::warn("cannot remove the mirror record {}: {}", name, Outcome(ds));
+  }
+}
+
 std::mutex& PullService::AliasLock(const std::string& name) {
   return alias_locks_[std::hash<std::string>{}(name) % alias_locks_.size()];
 }
@@ -231,7 +274,13 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
       }
     }
     runtime::v1::PullImageResponse resp;
-    grpc::Status s = cri_->PullImage(v, mreq, opts, &resp);
+    grpc::Status s;
+    {
+      auto mref = ParseNamedReference(c.image);
+      std::optional<MirrorPullScope> in_containerd;
+      if (mref.ok()) in_containerd.emplace(this, mref->NormalizedString());
+      s = cri_->PullImage(v, mreq, opts, &resp);
+    }
     log_attempt(s, with_auth);
     if (!s.ok()) {
       last = s;
@@ -328,21 +377,16 @@ bool PullService::Alias(const Config& config, const Reference& original,
                names.size() == 1 ? names[0] : names[0] + ", " + names[1]);
 
   if (config.node.keep_mirror_names) return true;
-  std::vector<std::string> drop = {mirror_name};
-  if (std::string by_digest = mref->Name() + "@" + rec.target_digest; by_digest != mirror_name) {
-    drop.push_back(std::move(by_digest));
-  }
-  for (const std::string& name : drop) {
+  std::vector<std::string> drop;
+  for (std::string name : {mirror_name, mref->Name() + "@" + rec.target_digest}) {
     // Never an id, never a name just written (a mirror that maps onto the original itself).
-    if (IsImageIdDigest(name) || std::find(names.begin(), names.end(), name) != names.end()) {
+    if (IsImageIdDigest(name) || std::find(names.begin(), names.end(), name) != names.end() ||
+        std::find(drop.begin(), drop.end(), name) != drop.end()) {
       continue;
     }
-    if (grpc::Status ds = records_->Delete(name); !ds.ok()) {
-      // Harmless for pulls (the original names exist); the mirror name just stays visible.
-      spdlog::warn("alias {}: cannot remove the mirror record {}: {}", original_name, name,
-                   Outcome(ds));
-    }
+    drop.push_back(std::move(name));
   }
+  DropMirrorNames(mirror_name, std::move(drop));
   return true;
 }
 

@@ -28,6 +28,8 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
+#include <vector>
 
 #include "config.h"
 #include "credentials.h"
@@ -101,6 +103,22 @@ class PullService final : public ImageInterceptor {
   Options options_;
   std::shared_ptr<CredentialsCache> credentials_cache_;  // when options_.credentials is unset
   std::array<std::mutex, 64> alias_locks_;
+
+  // Pulls of each mirror record name that containerd is still running. Several pulls of one
+  // image (kubelet with serializeImagePulls off, or several pods) go to containerd at once;
+  // each ends by creating or updating the mirror-named record. Deleting that record while
+  // another pull is still in containerd makes the other's update fail (NOT_FOUND, seen with
+  // 100 concurrent pulls). So mirror names are dropped only by the last pull of a name to
+  // leave: the others leave the names to drop in `pending_drop`.
+  struct MirrorPulls {
+    int in_flight = 0;
+    std::vector<std::string> pending_drop;
+  };
+  class MirrorPullScope;
+  void DropMirrorNames(const std::string& mirror_name, std::vector<std::string> names);
+  void DeleteRecord(const std::string& name);
+  std::mutex mirror_pulls_mu_;  // held while dropping names, so no pull starts meanwhile
+  std::unordered_map<std::string, MirrorPulls> mirror_pulls_;  // guarded by mirror_pulls_mu_
 };
 
 }  // namespace registry_proxy

@@ -9,6 +9,7 @@
 #include <spdlog/spdlog.h>
 
 #include <atomic>
+#include <future>
 #include <map>
 #include <mutex>
 #include <random>
@@ -790,6 +791,40 @@ TEST_F(PullServiceTest, ConcurrentPullsOfOneImage) {
   }
   for (auto& t : threads) t.join();
   EXPECT_EQ(ok.load(), 8);
+  EXPECT_EQ(fake_.RecordNames(),
+            (std::set<std::string>{"docker.io/library/nginx:latest",
+                                   "docker.io/library/nginx@" + kDigest, kId}));
+}
+
+// Two pulls of one image go to containerd together; the first to finish aliases it. The mirror
+// names must stay until the second has left containerd: it ends by updating the mirror-named
+// record, and a record deleted under it fails that pull (seen with 100 concurrent real pulls).
+TEST_F(PullServiceTest, MirrorNamesStayWhileAnotherPullOfThemIsInContainerd) {
+  fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
+  Service();
+  std::promise<void> first_inside, second_done;
+  std::shared_future<void> second_done_f = second_done.get_future().share();
+  std::atomic<int> calls{0};
+  fake_.on_pull = [&](const FakeContainerd::PullCall&) {
+    if (calls++ == 0) {  // the first pull stays in "containerd" until the second has finished
+      first_inside.set_value();
+      second_done_f.wait();
+    }
+  };
+  InterceptResult first_result;
+  std::thread first([&] { first_result = Pull(Request("nginx", "default")); });
+  first_inside.get_future().wait();
+
+  InterceptResult second = Pull(Request("nginx", "default"));
+  ASSERT_TRUE(second.status.ok()) << second.status.error_message();
+  EXPECT_TRUE(fake_.HasRecord("docker.io/library/nginx:latest"));
+  EXPECT_TRUE(fake_.HasRecord("m1.example/library/nginx:latest"));  // still needed
+  EXPECT_TRUE(fake_.deletes().empty());
+
+  second_done.set_value();
+  first.join();
+  EXPECT_TRUE(first_result.status.ok()) << first_result.status.error_message();
+  // The last pull to leave dropped the mirror names.
   EXPECT_EQ(fake_.RecordNames(),
             (std::set<std::string>{"docker.io/library/nginx:latest",
                                    "docker.io/library/nginx@" + kDigest, kId}));
