@@ -4,9 +4,9 @@ set -euo pipefail
 
 RP_BUILD_PKGS=(cmake ninja-build g++ pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  libyaml-cpp-dev libspdlog-dev libssl-dev nlohmann-json3-dev)
+  libyaml-cpp-dev libspdlog-dev libssl-dev nlohmann-json3-dev libcpp-httplib-dev)
 RP_TEST_PKGS=(libgtest-dev libgmock-dev libbenchmark-dev clang libclang-rt-14-dev
-  containerd runc docker-registry umoci skopeo busybox-static)
+  containerd runc docker-registry umoci skopeo busybox-static openssl curl wrk)
 
 rp_install_deps() {
   local want=("${RP_BUILD_PKGS[@]}")

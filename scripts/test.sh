@@ -68,6 +68,8 @@ fi
 if has bench; then
   echo "== benchmark (rule engine; numbers only)"
   "$BUILD/bench/policy_bench" --benchmark_min_time=0.5 --benchmark_counters_tabular=true
+  echo "== benchmark (webhook under load on loopback; numbers only)"
+  "$RP_ROOT/bench/webhook_load.sh" "$BUILD" || failed+=("bench-webhook")
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then

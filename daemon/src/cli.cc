@@ -20,6 +20,7 @@
 #include "serve.h"
 #include "signals.h"
 #include "version.h"
+#include "webhook_cmd.h"
 
 namespace registry_proxy {
 namespace {
@@ -252,6 +253,7 @@ Usage: registry-proxy COMMAND [ARGS...]
 
 Commands:
   serve                 the node daemon: the CRI shim between kubelet and containerd
+  webhook               the admission webhook: annotates pods with where images come from
   resolve IMAGE...      explain where IMAGE will be pulled from, and why
   check-config FILE     validate a config file (errors with line and column)
   watch-config FILE     load a config and follow its changes as the daemon does
@@ -288,7 +290,7 @@ int RunCli(int argc, char** argv, std::ostream& out, std::ostream& err) {
   static const std::map<std::string, Command> kCommands = {
       {"serve", CmdServe},           {"resolve", Resolve},  {"check-config", CheckConfig},
       {"watch-config", WatchConfig}, {"pull", CmdPull},     {"images", CmdImages},
-      {"status", CmdStatus},         {"remove", CmdRemove},
+      {"status", CmdStatus},         {"remove", CmdRemove}, {"webhook", CmdWebhook},
   };
   auto it = kCommands.find(cmd);
   if (it == kCommands.end()) {

@@ -1,0 +1,166 @@
+// `registry-proxy webhook`: its whole life is the list of steps in CmdWebhook, as for serve.
+#include "webhook_cmd.h"
+
+#include <spdlog/spdlog.h>
+
+#include <csignal>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cli_args.h"
+#include "config_store.h"
+#include "sd_notify.h"
+#include "signals.h"
+#include "webhook_server.h"
+
+namespace registry_proxy {
+namespace {
+
+constexpr char kWebhookHelp[] =
+    R"(Usage: registry-proxy webhook --tls-cert FILE --tls-key FILE [--config FILE]
+                              [--listen [HOST]:PORT] [--threads N] [--shutdown-delay SECONDS]
+                              [--log-level LEVEL]
+
+The annotating admission webhook. Serves HTTPS (TLS 1.2+): POST /mutate takes an
+admission.k8s.io/v1 AdmissionReview for a Pod and answers with a JSON Patch that adds the
+annotation registry-proxy.io/images (container name -> the reference the node will pull
+first, decided by the same rule engine and config as the node daemon) and
+registry-proxy.io/config (the config's sha256). It never changes spec and always allows.
+GET /healthz and GET /readyz (ready once a good config is loaded) are for probes.
+
+      --tls-cert FILE   serving certificate (PEM; intermediates may follow the leaf)
+      --tls-key FILE    its private key (PEM). Both are re-read when they change (checked at
+                        most once a second, on new connections) and on SIGHUP; a bad new
+                        pair keeps the old one
+  -c, --config FILE     config file (default /etc/registry-proxy/config.yaml), reloaded when
+                        it changes and on SIGHUP; the last good config stays in force
+      --listen ADDR     [HOST]:PORT to serve (default :8443, every address); PORT 0 picks one
+      --threads N       connection workers (default 32; an open keep-alive connection holds one)
+      --shutdown-delay S  on SIGTERM, answer /readyz 503 and keep serving S seconds before
+                        stopping, so endpoints drop this replica first (default 0)
+      --log-level L     trace, debug (one line per review), info (default), warn, error
+)";
+
+constexpr char kDefaultConfigPath[] = "/etc/registry-proxy/config.yaml";
+
+bool ParseInt(const std::string& s, long lo, long hi, long* v) {
+  char* end = nullptr;
+  *v = std::strtol(s.c_str(), &end, 10);
+  return !s.empty() && *end == '\0' && *v >= lo && *v <= hi;
+}
+
+// ":8443" -> ("", 8443); "127.0.0.1:0"; "[::1]:8443" -> ("::1", 8443).
+bool ParseListen(const std::string& s, std::string* host, int* port) {
+  const size_t colon = s.rfind(':');
+  if (colon == std::string::npos) return false;
+  std::string h = s.substr(0, colon);
+  if (h.size() >= 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
+  if (h.find_first_of("[]") != std::string::npos) return false;
+  long p;
+  if (!ParseInt(s.substr(colon + 1), 0, 65535, &p)) return false;
+  *host = h;
+  *port = static_cast<int>(p);
+  return true;
+}
+
+}  // namespace
+
+int CmdWebhook(const std::vector<std::string>& argv, std::ostream& out, std::ostream& err) {
+  auto args = ParseArgs(argv,
+                        {{"--config", "-c"},
+                         {"--tls-cert", ""},
+                         {"--tls-key", ""},
+                         {"--listen", ""},
+                         {"--threads", ""},
+                         {"--shutdown-delay", ""},
+                         {"--log-level", ""},
+                         {"--help", "-h", false}},
+                        err);
+  if (!args) return err << kWebhookHelp, 2;
+  if (args->Has("--help")) return out << kWebhookHelp, 0;
+  if (!args->positional.empty()) return err << kWebhookHelp, 2;
+  WebhookServerOptions opts;
+  if (!args->Has("--tls-cert") || !args->Has("--tls-key")) {
+    return err << "webhook: --tls-cert and --tls-key are required (HTTPS only)\n", 2;
+  }
+  opts.cert_file = *args->Get("--tls-cert");
+  opts.key_file = *args->Get("--tls-key");
+  const std::string listen = args->Get("--listen").value_or(":8443");
+  if (!ParseListen(listen, &opts.host, &opts.port)) {
+    return err << "--listen wants [HOST]:PORT, e.g. :8443 or 127.0.0.1:8443, got '" << listen
+               << "'\n",
+           2;
+  }
+  long v;
+  if (auto t = args->Get("--threads")) {
+    if (!ParseInt(*t, 1, 1024, &v))
+      return err << "--threads wants 1..1024, got '" << *t << "'\n", 2;
+    opts.threads = static_cast<int>(v);
+  }
+  int shutdown_delay_s = 0;
+  if (auto d = args->Get("--shutdown-delay")) {
+    if (!ParseInt(*d, 0, 600, &v)) {
+      return err << "--shutdown-delay wants seconds (0..600), got '" << *d << "'\n", 2;
+    }
+    shutdown_delay_s = static_cast<int>(v);
+  }
+  if (auto l = args->Get("--log-level")) {
+    auto level = spdlog::level::from_str(*l);
+    if (level == spdlog::level::off && *l != "off") {
+      return err << "--log-level: unknown level '" << *l << "'\n", 2;
+    }
+    spdlog::set_level(level);
+  }
+
+  // 1. Signals are blocked before any thread exists, so only the main thread sees them.
+  SignalWaiter signals({SIGHUP, SIGINT, SIGTERM});
+
+  // 2. Config, exactly as the node daemon keeps it: the last good one is always in force;
+  // with none, nothing is annotated (and /readyz says why).
+  ConfigStore store(args->Get("--config").value_or(kDefaultConfigPath));
+  if (store.Reload() == ReloadResult::kRejected) {
+    spdlog::error("no usable config at start ({}); annotating nothing until a good one appears",
+                  store.path());
+  }
+
+  // 3. Serve. Without a usable certificate there is nothing to serve: exit so it shows.
+  WebhookServer server(&store, opts);
+  if (Status s = server.Start(); !s.ok()) {
+    spdlog::critical("webhook cannot serve: {}", s.message());
+    return 1;
+  }
+
+  // 4. Follow the config.
+  ConfigWatcher watcher(&store, {});
+  if (Status s = watcher.Start(); !s.ok()) {
+    spdlog::warn("config changes will not be seen until SIGHUP: {}", s.message());
+  }
+  spdlog::info("registry-proxy webhook serving https://{}:{} (config {}, {})",
+               opts.host.empty() ? "*" : opts.host, server.port(), store.path(),
+               store.HasGoodConfig() ? "loaded" : "none: annotating nothing");
+  SdNotify("READY=1\nSTATUS=serving the admission webhook");
+
+  // 5. Run until told to stop; SIGHUP reloads the config and the certificate.
+  int sig;
+  while ((sig = signals.Wait()) == SIGHUP) {
+    spdlog::info("SIGHUP: reloading {} and the serving certificate", store.path());
+    watcher.TriggerReload();
+    server.ReloadCertificate();
+  }
+  spdlog::info("{}: stopping{}", sig == SIGTERM ? "SIGTERM" : "SIGINT",
+               shutdown_delay_s ? " after " + std::to_string(shutdown_delay_s) + " s" : "");
+
+  // 6. Teardown, in reverse.
+  SdNotify("STOPPING=1");
+  server.BeginDrain();
+  if (shutdown_delay_s) std::this_thread::sleep_for(std::chrono::seconds(shutdown_delay_s));
+  server.Stop();
+  watcher.Stop();
+  spdlog::info("stopped");
+  return 0;
+}
+
+}  // namespace registry_proxy

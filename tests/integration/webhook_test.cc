@@ -1,0 +1,550 @@
+// The admission webhook end to end: the real binary over real TLS, a throwaway CA and serving
+// certificate made here with the openssl CLI, and curl as the client (as an API server would
+// be: HTTPS, keep-alive, Content-Type application/json). Covers the probes, real
+// AdmissionReview bodies, bad input on the wire, a certificate rotation while a connection is
+// open, config reload, and shutdown. Needs no root; skips without openssl or curl unless
+// RP_REQUIRE_INTEGRATION=1.
+#include <arpa/inet.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "testbed.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using rp_testbed::Process;
+using rp_testbed::RunCommand;
+using rp_testbed::WaitFor;
+using ::testing::HasSubstr;
+using namespace std::chrono_literals;
+
+const std::string kData = std::string(RP_SOURCE_DIR) + "/tests/data/admission/";
+
+std::string ReadFile(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void WriteFile(const fs::path& p, const std::string& content) {
+  fs::path tmp = p;
+  tmp += ".tmp";
+  std::ofstream(tmp, std::ios::binary) << content;
+  fs::rename(tmp, p);  // atomic, like kubelet's volume updates
+}
+
+bool InPath(const std::string& name) {
+  const char* path = getenv("PATH");
+  std::stringstream ss(path ? path : "");
+  std::string dir;
+  while (std::getline(ss, dir, ':')) {
+    if (access((fs::path(dir) / name).c_str(), X_OK) == 0) return true;
+  }
+  return false;
+}
+
+std::string Base64Decode(const std::string& in) {
+  std::string out;
+  int bits = 0;
+  uint32_t acc = 0;
+  for (char c : in) {
+    int v = c >= 'A' && c <= 'Z'   ? c - 'A'
+            : c >= 'a' && c <= 'z' ? c - 'a' + 26
+            : c >= '0' && c <= '9' ? c - '0' + 52
+            : c == '+'             ? 62
+            : c == '/'             ? 63
+                                   : -1;
+    if (v < 0) break;
+    acc = (acc << 6) | uint32_t(v);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out += char((acc >> bits) & 0xff);
+    }
+  }
+  return out;
+}
+
+struct Reply {
+  int status = 0;  // 0: no HTTP answer
+  std::string body;
+  std::string trace;  // curl's -v output
+};
+
+class WebhookTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    std::string tmpl = (fs::temp_directory_path() / "rp-webhook-XXXXXX").string();
+    dir_ = mkdtemp(tmpl.data());
+  }
+  static void TearDownTestSuite() { fs::remove_all(dir_); }
+
+  void SetUp() override {
+    if (!InPath("openssl") || !InPath("curl")) {
+      if (getenv("RP_REQUIRE_INTEGRATION") && std::string(getenv("RP_REQUIRE_INTEGRATION")) == "1")
+        FAIL() << "openssl and curl are required (scripts/deps.sh installs them)";
+      GTEST_SKIP() << "needs the openssl and curl commands";
+    }
+    work_ = fs::path(dir_) / ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    fs::create_directories(work_ / "tls");
+    fs::create_directories(work_ / "config");
+    MakeCa();
+    ASSERT_TRUE(MakeServingCert("webhook-1", work_ / "tls")) << "openssl failed";
+    WriteFile(work_ / "config" / "config.yaml",
+              ReadFile(std::string(RP_SOURCE_DIR) + "/config/config.yaml"));
+  }
+
+  void TearDown() override {
+    if (webhook_.pid() > 0) {
+      EXPECT_TRUE(webhook_.Stop(10s)) << "needed SIGKILL";
+      // A clean exit also means no sanitizer report (leaks are reported at exit).
+      if (started_) {
+        EXPECT_EQ(webhook_.ExitDescription(), "exit 0") << Log();
+      }
+    }
+  }
+
+  // openssl, spawned without a shell. Output goes to a log in the work dir.
+  bool Openssl(const std::vector<std::string>& args) {
+    std::vector<std::string> argv = {"openssl"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    auto s = RunCommand(argv, (work_ / "openssl.log").string(), 30s);
+    EXPECT_TRUE(s.ok()) << s.message();
+    return s.ok();
+  }
+
+  void MakeCa() {
+    ASSERT_TRUE(
+        Openssl({"req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                 "-keyout", (work_ / "ca.key").string(), "-out", (work_ / "ca.crt").string(),
+                 "-subj", "/CN=registry-proxy test CA", "-days", "2"}));
+  }
+
+  // A serving cert for localhost/127.0.0.1 signed by the CA, written into dir as tls.crt and
+  // tls.key (the names a kubernetes.io/tls Secret volume has).
+  bool MakeServingCert(const std::string& cn, const fs::path& dir) {
+    const fs::path ext = work_ / "ext.cnf";
+    WriteFile(ext, "subjectAltName=DNS:localhost,IP:127.0.0.1\n");
+    const fs::path key = work_ / (cn + ".key"), csr = work_ / (cn + ".csr"),
+                   crt = work_ / (cn + ".crt");
+    if (!Openssl({"req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                  "-keyout", key.string(), "-out", csr.string(), "-subj", "/CN=" + cn}) ||
+        !Openssl({"x509", "-req", "-in", csr.string(), "-CA", (work_ / "ca.crt").string(), "-CAkey",
+                  (work_ / "ca.key").string(), "-CAcreateserial", "-out", crt.string(), "-days",
+                  "2", "-extfile", ext.string()})) {
+      return false;
+    }
+    // Key first, then cert: the half-written state must not break anything either.
+    WriteFile(dir / "tls.key", ReadFile(key));
+    WriteFile(dir / "tls.crt", ReadFile(crt));
+    return true;
+  }
+
+  // Starts the webhook on a free loopback port and waits until it serves.
+  void Start(const std::vector<std::string>& extra = {}) {
+    std::vector<std::string> argv = {RP_BINARY,     "webhook",
+                                     "--listen",    "127.0.0.1:0",
+                                     "--tls-cert",  (work_ / "tls" / "tls.crt").string(),
+                                     "--tls-key",   (work_ / "tls" / "tls.key").string(),
+                                     "--config",    (work_ / "config" / "config.yaml").string(),
+                                     "--log-level", "debug"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    log_ = (work_ / "webhook.log").string();
+    ASSERT_TRUE(webhook_.Spawn(argv, log_).ok());
+    started_ = true;
+    static const std::regex kServing(R"(serving https://127\.0\.0\.1:(\d+))");
+    std::smatch m;
+    ASSERT_TRUE(WaitFor(
+        [&] {
+          std::string log = ReadFile(log_);
+          if (!std::regex_search(log, m, kServing)) return false;
+          port_ = std::stoi(m[1]);
+          return true;
+        },
+        10s))
+        << Log();
+  }
+
+  std::string Log() const { return ReadFile(log_); }
+  std::string Url(const std::string& path) const {
+    return "https://127.0.0.1:" + std::to_string(port_) + path;
+  }
+
+  // One curl run: -v for the trace, the body to a file, the status via -w.
+  Reply Curl(std::vector<std::string> args) {
+    const std::string n = std::to_string(++curl_runs_);
+    const fs::path body = work_ / ("curl" + n + ".body"), out = work_ / ("curl" + n + ".out");
+    std::vector<std::string> argv = {"curl",        "-sS", "-v",
+                                     "--max-time",  "10",  "-o",
+                                     body.string(), "-w",  "\nHTTP_STATUS=%{http_code}\n"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    RunCommand(argv, out.string(), 20s);  // a failed transfer still leaves its trace
+    Reply r;
+    r.trace = ReadFile(out);
+    r.body = ReadFile(body);
+    std::smatch m;
+    static const std::regex kStatus(R"(HTTP_STATUS=(\d+))");
+    if (std::regex_search(r.trace, m, kStatus)) r.status = std::stoi(m[1]);
+    return r;
+  }
+
+  Reply Get(const std::string& path) { return Curl({"--cacert", Ca(), Url(path)}); }
+
+  Reply Post(const std::string& body_file, const std::string& content_type = "application/json",
+             std::vector<std::string> extra = {}) {
+    std::vector<std::string> args = {
+        "--cacert", Ca(), "-H", "Content-Type: " + content_type, "--data-binary", "@" + body_file};
+    args.insert(args.end(), extra.begin(), extra.end());
+    args.push_back(Url("/mutate"));
+    return Curl(args);
+  }
+
+  // The pod the API server would store: the request's object with our patch applied.
+  json PatchedPod(const std::string& request_file, const Reply& r) {
+    json review = json::parse(r.body);
+    json req = json::parse(ReadFile(request_file));
+    EXPECT_EQ(review["response"]["uid"], req["request"]["uid"]);
+    EXPECT_EQ(review["response"]["allowed"], true);
+    json pod = req["request"]["object"];
+    if (!review["response"].contains("patch")) return pod;
+    json patch = json::parse(Base64Decode(review["response"]["patch"].get<std::string>()));
+    return pod.patch(patch);
+  }
+
+  std::string Ca() const { return (work_ / "ca.crt").string(); }
+
+  static std::string dir_;
+  fs::path work_;
+  Process webhook_;
+  std::string log_;
+  int port_ = 0;
+  int curl_runs_ = 0;
+  bool started_ = false;  // by Start(): expected to exit 0 on SIGTERM
+};
+
+std::string WebhookTest::dir_;
+
+TEST_F(WebhookTest, ProbesAnswer) {
+  Start();
+  Reply h = Get("/healthz");
+  EXPECT_EQ(h.status, 200) << h.trace;
+  EXPECT_EQ(h.body, "ok\n");
+  Reply r = Get("/readyz");
+  EXPECT_EQ(r.status, 200) << r.trace;
+  EXPECT_THAT(h.trace, HasSubstr("subject: CN=webhook-1"));
+  EXPECT_THAT(h.trace, ::testing::ContainsRegex("SSL connection using TLSv1\\.[23]"));
+}
+
+TEST_F(WebhookTest, AnnotatesRealReviewsOverTls) {
+  Start();
+  const std::string create = kData + "pod_create_no_annotations.json";
+  Reply r = Post(create);
+  ASSERT_EQ(r.status, 200) << r.trace << Log();
+  EXPECT_THAT(r.trace, ::testing::ContainsRegex("[Cc]ontent-[Tt]ype: application/json"));
+  json pod = PatchedPod(create, r);
+  json images =
+      json::parse(pod["metadata"]["annotations"]["registry-proxy.io/images"].get<std::string>());
+  EXPECT_EQ(images["web"], "docker.ketches.cn/library/nginx:1.25");
+  EXPECT_EQ(images["wait-for-db"], "docker.ketches.cn/library/busybox:1.36");
+  EXPECT_EQ(images["exporter"], "quay.ketches.cn/prometheus/node-exporter:v1.6.1");
+  EXPECT_EQ(pod["spec"], json::parse(ReadFile(create))["request"]["object"]["spec"]);
+
+  const std::string annotated = kData + "pod_create_with_annotations.json";
+  r = Post(annotated);
+  ASSERT_EQ(r.status, 200) << r.trace;
+  pod = PatchedPod(annotated, r);
+  EXPECT_EQ(pod["metadata"]["annotations"].size(), 5u);
+  EXPECT_THAT(pod["metadata"]["annotations"]["registry-proxy.io/images"].get<std::string>(),
+              HasSubstr("docker.ketches.cn/library/redis@sha256:e422889e"));
+
+  const std::string ephemeral = kData + "pod_update_ephemeral.json";
+  r = Post(ephemeral);
+  ASSERT_EQ(r.status, 200) << r.trace;
+  EXPECT_THAT(PatchedPod(ephemeral, r)["metadata"]["annotations"]["registry-proxy.io/images"]
+                  .get<std::string>(),
+              HasSubstr("\"debugger-8xk2p\":\"docker.ketches.cn/library/busybox:1.36\""));
+
+  r = Post(kData + "pod_create_kube_system.json");
+  ASSERT_EQ(r.status, 200) << r.trace;
+  EXPECT_FALSE(json::parse(r.body)["response"].contains("patch")) << r.body;
+
+  r = Post(kData + "deployment_create.json");
+  ASSERT_EQ(r.status, 200) << r.trace;
+  EXPECT_TRUE(json::parse(r.body)["response"].contains("warnings")) << r.body;
+  EXPECT_THAT(Log(), HasSubstr("admission uid=0df28fbd-5f5f-11e8-9a4e-42010a800002 pod=shop/"
+                               "web-7d4b9c8f6d-* patched=true"));
+}
+
+TEST_F(WebhookTest, BadInputOnTheWireGetsClear4xx) {
+  Start();
+  const fs::path junk = work_ / "junk.txt";
+  WriteFile(junk, "this is not json");
+  const fs::path deep = work_ / "deep.json";
+  WriteFile(deep, std::string(100000, '[') + std::string(100000, ']'));
+  const fs::path big = work_ / "big.json";
+  WriteFile(big, "{\"a\":\"" + std::string(4 << 20, 'x') + "\"}");
+  const fs::path v1beta1 = work_ / "v1beta1.json";
+  json review = json::parse(ReadFile(kData + "pod_create_no_annotations.json"));
+  review["apiVersion"] = "admission.k8s.io/v1beta1";
+  WriteFile(v1beta1, review.dump());
+  const std::string good = kData + "pod_create_no_annotations.json";
+
+  struct Case {
+    Reply reply;
+    int status;
+    std::string message;
+  };
+  std::vector<Case> cases;
+  cases.push_back({Post(junk.string()), 400, "not JSON"});
+  cases.push_back({Post(deep.string()), 400, "nested deeper than 64"});
+  cases.push_back({Post(big.string()), 413, "exceeds the limit"});
+  cases.push_back({Post(v1beta1.string()), 400, "admission.k8s.io/v1beta1"});
+  cases.push_back({Post(good, "text/plain"), 415, "Content-Type must be application/json"});
+  cases.push_back(
+      {Post(good, "application/json", {"-H", "Content-Encoding: gzip"}), 415, "Content-Encoding"});
+  cases.push_back({Get("/mutate"), 405, "not allowed"});
+  cases.push_back({Get("/metrics"), 404, "not found"});
+  for (const Case& c : cases) {
+    EXPECT_EQ(c.reply.status, c.status) << c.reply.trace;
+    EXPECT_THAT(c.reply.body, HasSubstr(c.message)) << c.reply.trace;
+  }
+  // The content type check ignores case and parameters, as HTTP says.
+  EXPECT_EQ(Post(good, "Application/JSON; charset=utf-8").status, 200);
+  EXPECT_EQ(Get("/healthz").status, 200) << "still serving after all that\n" << Log();
+}
+
+TEST_F(WebhookTest, PlainHttpOnTheTlsPortIsToldSo) {
+  Start();
+  Reply r = Curl({"http://127.0.0.1:" + std::to_string(port_) + "/healthz"});
+  EXPECT_EQ(r.status, 400) << r.trace;
+  EXPECT_THAT(r.body, HasSubstr("HTTP request to an HTTPS server"));
+  r = Curl({"-H", "Content-Type: application/json", "--data-binary",
+            "@" + kData + "pod_create_no_annotations.json",
+            "http://127.0.0.1:" + std::to_string(port_) + "/mutate"});
+  EXPECT_EQ(r.status, 400) << r.trace;
+  // TLS 1.1 and below are refused.
+  r = Curl({"--cacert", Ca(), "--tls-max", "1.1", Url("/healthz")});
+  EXPECT_EQ(r.status, 0) << r.trace;
+  EXPECT_EQ(Get("/healthz").status, 200);
+}
+
+TEST_F(WebhookTest, SilentAndSlowClientsNeitherHangNorBlockOthers) {
+  Start({"--threads", "2"});
+  // Connections that never complete a handshake (a slowloris) occupy workers only until the
+  // read timeout; meanwhile the listening socket keeps accepting.
+  int fds[3];
+  for (int& fd : fds) {
+    fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(uint16_t(port_));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  }
+  const auto start = std::chrono::steady_clock::now();
+  // With both workers held, this request waits for a worker, bounded by the read timeout.
+  Reply r = Get("/healthz");
+  EXPECT_EQ(r.status, 200) << r.trace;
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 9s);
+  // The server closes the silent connections itself.
+  for (int fd : fds) {
+    timeval tv{10, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    char c;
+    EXPECT_LE(recv(fd, &c, 1, 0), 0) << "closed by the server, not by our timeout";
+    close(fd);
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 20s);
+}
+
+TEST_F(WebhookTest, CertificateRotationWhileServing) {
+  Start();
+  // A client that keeps one connection open across the rotation: three requests, 2 s apart.
+  const fs::path kept_out = work_ / "kept.out";
+  Process kept;
+  ASSERT_TRUE(kept.Spawn({"curl", "-sS", "-v", "--max-time", "20", "--cacert", Ca(), "--rate",
+                          "30/m", Url("/healthz"), Url("/healthz"), Url("/healthz")},
+                         kept_out.string())
+                  .ok());
+  ASSERT_TRUE(WaitFor([&] { return ReadFile(kept_out).find("ok") != std::string::npos; }, 10s));
+
+  ASSERT_TRUE(MakeServingCert("webhook-2", work_ / "tls"));
+  // The files are checked at most once a second, on a new handshake.
+  EXPECT_TRUE(WaitFor(
+      [&] { return Get("/healthz").trace.find("CN=webhook-2") != std::string::npos; }, 10s, 300ms))
+      << Log();
+  EXPECT_THAT(Log(), HasSubstr("subject CN = webhook-2"));
+
+  // The old connection was never dropped: curl reused it for every request.
+  auto status = kept.Wait(20s);
+  ASSERT_TRUE(status.has_value());
+  EXPECT_EQ(*status, 0) << ReadFile(kept_out);
+  const std::string trace = ReadFile(kept_out);
+  size_t oks = 0;
+  for (size_t p = trace.find("ok\n"); p != std::string::npos; p = trace.find("ok\n", p + 1)) ++oks;
+  EXPECT_EQ(oks, 3u) << trace;
+  EXPECT_THAT(trace, HasSubstr("Re-using existing connection"));
+  EXPECT_THAT(trace, ::testing::Not(HasSubstr("CN=webhook-2")));
+
+  // A broken rotation (garbage certificate) keeps the good pair in force, loudly.
+  auto refusals = [&] {
+    const std::string log = Log();
+    size_t n = 0;
+    for (size_t p = log.find("NOT (re)loaded"); p != std::string::npos;
+         p = log.find("NOT (re)loaded", p + 1))
+      ++n;
+    return n;
+  };
+  const size_t refused_before = refusals();  // a handshake may have seen the key alone
+  WriteFile(work_ / "tls" / "tls.crt", "-----BEGIN CERTIFICATE-----\nbroken\n");
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        const bool ok = Get("/healthz").status == 200;  // a handshake checks the files
+        return ok && refusals() > refused_before;
+      },
+      10s, 300ms))
+      << Log();
+  Reply r = Get("/healthz");
+  EXPECT_EQ(r.status, 200);
+  EXPECT_THAT(r.trace, HasSubstr("CN=webhook-2"));
+
+  // SIGHUP re-reads at once.
+  ASSERT_TRUE(MakeServingCert("webhook-3", work_ / "tls"));
+  kill(webhook_.pid(), SIGHUP);
+  EXPECT_TRUE(
+      WaitFor([&] { return Log().find("subject CN = webhook-3") != std::string::npos; }, 5s));
+  EXPECT_THAT(Get("/healthz").trace, HasSubstr("CN=webhook-3"));
+}
+
+// scripts/webhook-cert.sh: its certificate is served for the Service's DNS name and verifies
+// against its CA; a second run rotates the serving certificate under the same CA.
+TEST_F(WebhookTest, CertificateScriptMakesAWorkingPairAndRotatesUnderTheSameCa) {
+  const fs::path out = work_ / "tls";  // the script writes tls.crt and tls.key here
+  const std::string script = std::string(RP_SOURCE_DIR) + "/scripts/webhook-cert.sh";
+  ASSERT_TRUE(RunCommand({"bash", script, out.string()}, (work_ / "script.log").string(), 60s).ok())
+      << ReadFile(work_ / "script.log");
+  const std::string ca_bundle_1 = ReadFile(out / "ca.crt");
+  const std::string kustomization = ReadFile(out / "kustomization.yaml");
+  EXPECT_THAT(kustomization, HasSubstr("path: /webhooks/0/clientConfig/caBundle"));
+  EXPECT_THAT(kustomization, HasSubstr("name: registry-proxy-webhook-tls"));
+  EXPECT_THAT(ReadFile(work_ / "script.log"), HasSubstr("made a new CA"));
+  Start();
+  const std::string host = "registry-proxy-webhook.registry-proxy.svc";
+  auto get = [&] {
+    return Curl({"--cacert", (out / "ca.crt").string(), "--resolve",
+                 host + ":" + std::to_string(port_) + ":127.0.0.1",
+                 "https://" + host + ":" + std::to_string(port_) + "/healthz"});
+  };
+  Reply r = get();
+  EXPECT_EQ(r.status, 200) << r.trace;
+  const std::string cert_1 = ReadFile(out / "tls.crt");
+
+  ASSERT_TRUE(RunCommand({"bash", script, out.string()}, (work_ / "script.log").string(), 60s).ok())
+      << ReadFile(work_ / "script.log");
+  EXPECT_THAT(ReadFile(work_ / "script.log"), HasSubstr("reusing the CA"));
+  EXPECT_EQ(ReadFile(out / "ca.crt"), ca_bundle_1);
+  EXPECT_NE(ReadFile(out / "tls.crt"), cert_1);
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        get();
+        const std::string log = Log();
+        size_t loads = 0;
+        for (size_t p = log.find("serving certificate loaded"); p != std::string::npos;
+             p = log.find("serving certificate loaded", p + 1))
+          ++loads;
+        return loads >= 2;
+      },
+      10s, 300ms))
+      << Log();
+  EXPECT_EQ(get().status, 200) << "the rotated certificate verifies against the same CA";
+}
+
+TEST_F(WebhookTest, ConfigReloadsLiveAndABadOneIsNotTaken) {
+  Start();
+  const std::string create = kData + "pod_create_no_annotations.json";
+  WriteFile(work_ / "config" / "config.yaml", "proxies:\n  docker.io: mirror.example:5000\n");
+  ASSERT_TRUE(WaitFor([&] { return Log().find("generation 2") != std::string::npos; }, 10s))
+      << Log();
+  Reply r = Post(create);
+  ASSERT_EQ(r.status, 200);
+  json pod = PatchedPod(create, r);
+  json images =
+      json::parse(pod["metadata"]["annotations"]["registry-proxy.io/images"].get<std::string>());
+  EXPECT_EQ(images["web"], "mirror.example:5000/library/nginx:1.25");
+  EXPECT_EQ(images["exporter"], "quay.io/prometheus/node-exporter:v1.6.1") << "no rule: as is";
+
+  WriteFile(work_ / "config" / "config.yaml", "proxies:\n  docker.io: HTTPS://bad\n");
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        return Log().find("rejected") != std::string::npos ||
+               Log().find("keeping") != std::string::npos;
+      },
+      10s))
+      << Log();
+  r = Post(create);
+  EXPECT_THAT(PatchedPod(create, r)["metadata"]["annotations"]["registry-proxy.io/images"]
+                  .get<std::string>(),
+              HasSubstr("mirror.example:5000"))
+      << "the last good config stays";
+  EXPECT_EQ(Get("/readyz").status, 200);
+}
+
+TEST_F(WebhookTest, WithoutConfigItAnnotatesNothingAndIsNotReady) {
+  fs::remove(work_ / "config" / "config.yaml");
+  Start();
+  Reply r = Get("/readyz");
+  EXPECT_EQ(r.status, 503) << r.trace;
+  EXPECT_THAT(r.body, HasSubstr("no good config"));
+  r = Post(kData + "pod_create_no_annotations.json");
+  ASSERT_EQ(r.status, 200);
+  EXPECT_FALSE(json::parse(r.body)["response"].contains("patch"));
+  WriteFile(work_ / "config" / "config.yaml", "proxies:\n  docker.io: m.example\n");
+  EXPECT_TRUE(WaitFor([&] { return Get("/readyz").status == 200; }, 10s, 200ms)) << Log();
+}
+
+TEST_F(WebhookTest, StopsPromptlyOnSigterm) {
+  Start();
+  ASSERT_EQ(Get("/healthz").status, 200);
+  const auto start = std::chrono::steady_clock::now();
+  kill(webhook_.pid(), SIGTERM);
+  auto status = webhook_.Wait(10s);
+  ASSERT_TRUE(status.has_value()) << Log();
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << webhook_.ExitDescription();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 3s);
+  EXPECT_THAT(Log(), HasSubstr("stopped"));
+}
+
+TEST_F(WebhookTest, RefusesToStartWithoutAUsableCertificate) {
+  WriteFile(work_ / "tls" / "tls.key", ReadFile(work_ / "ca.key"));  // does not match
+  log_ = (work_ / "webhook.log").string();
+  ASSERT_TRUE(webhook_
+                  .Spawn({RP_BINARY, "webhook", "--listen", "127.0.0.1:0", "--tls-cert",
+                          (work_ / "tls" / "tls.crt").string(), "--tls-key",
+                          (work_ / "tls" / "tls.key").string(), "--config",
+                          (work_ / "config" / "config.yaml").string()},
+                         log_)
+                  .ok());
+  auto status = webhook_.Wait(10s);
+  ASSERT_TRUE(status.has_value());
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 1) << webhook_.ExitDescription();
+  EXPECT_THAT(Log(), HasSubstr("does not match"));
+}
+
+}  // namespace
