@@ -34,6 +34,7 @@
 #include "config.h"
 #include "credentials.h"
 #include "interceptor.h"
+#include "pull_observer.h"
 #include "upstream.h"
 
 namespace registry_proxy {
@@ -58,6 +59,9 @@ struct PullServiceOptions {
   // Where per-mirror credentials come from, given node.credentialsFile. Default: the file,
   // read through a CredentialsCache (re-read when it changes; see credentials.h).
   std::function<Result<std::shared_ptr<const Credentials>>(const std::string& path)> credentials;
+
+  // Told about every pull, attempt, probe and breaker change (metrics). Not owned; may be null.
+  PullObserver* observer = nullptr;
 };
 
 class PullService final : public ImageInterceptor {
