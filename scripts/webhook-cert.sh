@@ -2,7 +2,7 @@
 # Makes the admission webhook's TLS material with openssl, without cert-manager: a CA (kept and
 # reused on later runs, so the caBundle the API server trusts stays valid) and a serving
 # certificate for the webhook's Service, plus a kustomize overlay that deploys
-# daemonset/webhook with them.
+# daemonset/node (the node daemon, the Namespace and the ConfigMap) and daemonset/webhook with them.
 #
 #   scripts/webhook-cert.sh [--namespace NS] [--service NAME] [--days N] OUTDIR
 #   kubectl apply -k OUTDIR
@@ -69,15 +69,16 @@ mv "$tmp/tls.key" "$out/tls.key"
 mv "$tmp/tls.crt" "$out/tls.crt"
 
 ca_bundle=$(base64 -w0 < "$out/ca.crt")
-base=$(realpath --relative-to="$(cd "$out" && pwd)" "$root/daemonset/webhook")
+rel() { realpath --relative-to="$(cd "$out" && pwd)" "$root/daemonset/$1"; }
 cat > "$out/kustomization.yaml" <<KUST
-# Made by scripts/webhook-cert.sh: daemonset/webhook with a CA and serving certificate made
-# with openssl. kubectl apply -k $(basename "$out")
+# Made by scripts/webhook-cert.sh: daemonset/node and daemonset/webhook, with a CA and serving
+# certificate made with openssl. kubectl apply -k $(basename "$out")
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
 namespace: $ns
 resources:
-  - $base
+  - $(rel node)
+  - $(rel webhook)
 secretGenerator:
   - name: registry-proxy-webhook-tls
     type: kubernetes.io/tls

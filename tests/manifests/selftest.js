@@ -1,0 +1,358 @@
+'use strict';
+// Proves that check.js fails when the deployment files are broken: copies what it checks into a
+// temp dir, checks the copy as is (must pass), then applies each mutation below to a fresh copy
+// and expects check.js to fail with the given message. A mutation whose text is no longer found
+// fails too (keep this table in step with the manifests).
+//
+//   node selftest.js ROOT TMPDIR [BINARY]
+const fs = require('fs');
+const path = require('path');
+const { check, copySources } = require('./check.js');
+
+const [root, tmp, binary] = process.argv.slice(2);
+// What the mutations edit is copied; whatever else check.js reads (the Dockerfile's COPY sources)
+// is linked.
+const COPY = [
+  'CMakeLists.txt',
+  'Dockerfile',
+  '.dockerignore',
+  '.github',
+  'config',
+  'daemonset',
+  'scripts',
+];
+const LINK = copySources(root).filter((p) => !COPY.includes(p.split('/')[0]));
+
+// [mode, file, text, replacement, expected message]
+const MUTATIONS = [
+  ['packaging', 'scripts/deps.sh', ' patchelf)', ')', 'RP_BUILD_PKGS lacks patchelf'],
+  [
+    'manifests',
+    'daemonset/node/installer.yaml',
+    'imagePullPolicy: IfNotPresent',
+    'imagePullPolicyy: IfNotPresent',
+    'unknown field spec.template.spec.containers[0].imagePullPolicyy',
+  ],
+  [
+    'manifests',
+    'daemonset/node/installer.yaml',
+    'terminationGracePeriodSeconds: 30',
+    'terminationGracePeriodSeconds: "30"',
+    'terminationGracePeriodSeconds must be integer',
+  ],
+  [
+    'manifests',
+    'daemonset/webhook/cert-manager/certificates.yaml',
+    'dnsNames:',
+    'dnsName:',
+    'unknown field spec.dnsName',
+  ],
+  [
+    'manifests',
+    'daemonset/webhook/service.yaml',
+    'targetPort: https',
+    'targetPort: http',
+    'targetPort http is not a container port',
+  ],
+  [
+    'manifests',
+    'daemonset/webhook/deployment.yaml',
+    'secretName: registry-proxy-webhook-tls',
+    'secretName: registry-proxy-webhook-tlz',
+    'no Secret registry-proxy-webhook-tlz and no Certificate that makes it',
+  ],
+  [
+    'manifests',
+    'daemonset/webhook/deployment.yaml',
+    'mountPath: /etc/registry-proxy/tls',
+    'mountPath: /etc/registry-proxy/certs',
+    '--tls-cert /etc/registry-proxy/tls/tls.crt is in no volume mount',
+  ],
+  [
+    'manifests',
+    'daemonset/webhook/deployment.yaml',
+    '--tls-key=/etc/registry-proxy/tls/tls.key',
+    '--tls-key=/etc/registry-proxy/tls/key.pem',
+    'Secret registry-proxy-webhook-tls has no key key.pem',
+  ],
+  [
+    'manifests',
+    'daemonset/webhook/deployment.yaml',
+    '--config=/etc/registry-proxy/config/config.yaml',
+    '--config=/etc/registry-proxy/config/conf.yaml',
+    'ConfigMap registry-proxy-config has no key conf.yaml',
+  ],
+  [
+    'manifests',
+    'daemonset/webhook/deployment.yaml',
+    '- name: tls\n              mountPath',
+    '- name: tlz\n              mountPath',
+    'volumeMount tlz has no volume',
+  ],
+  [
+    'manifests',
+    'daemonset/webhook/deployment.yaml',
+    'port: metrics',
+    'port: https',
+    'is not the --metrics-address port',
+  ],
+  [
+    'manifests',
+    'daemonset/webhook/deployment.yaml',
+    'readOnlyRootFilesystem: true',
+    'readOnlyRootFilesystem: false',
+    'readOnlyRootFilesystem must be true',
+  ],
+  [
+    'manifests',
+    'daemonset/webhook/mutatingwebhookconfiguration.yaml',
+    '        name: registry-proxy-webhook',
+    '        name: registry-proxy-hook',
+    'clientConfig.service registry-proxy/registry-proxy-hook is not a Service of this set',
+  ],
+  [
+    'manifests',
+    'daemonset/webhook/mutatingwebhookconfiguration.yaml',
+    'port: 443',
+    'port: 8443',
+    'Service registry-proxy-webhook has no port 8443',
+  ],
+  [
+    'manifests',
+    'daemonset/webhook/mutatingwebhookconfiguration.yaml',
+    'failurePolicy: Ignore',
+    'failurePolicy: Fail',
+    'failurePolicy must be Ignore',
+  ],
+  [
+    'manifests',
+    'daemonset/webhook/mutatingwebhookconfiguration.yaml',
+    'kube-node-lease, registry-proxy]',
+    'kube-node-lease]',
+    'namespaceSelector sends namespace registry-proxy',
+  ],
+  [
+    'manifests',
+    'daemonset/webhook/pdb.yaml',
+    'app.kubernetes.io/name: registry-proxy-webhook',
+    'app.kubernetes.io/name: registry-proxy-webhooks',
+    'its selector selects no workload',
+  ],
+  [
+    'manifests',
+    'daemonset/webhook/cert-manager/certificates.yaml',
+    '    - registry-proxy-webhook.registry-proxy.svc\n',
+    '',
+    'does not name registry-proxy-webhook.registry-proxy.svc',
+  ],
+  [
+    'manifests',
+    'daemonset/node/config.yaml',
+    'enabled: true',
+    'enabled: false',
+    'differs from config/config.yaml',
+  ],
+  [
+    'manifests',
+    'daemonset/node/kustomization.yaml',
+    '      - config.yaml',
+    '      - ../../config/config.yaml',
+    'is outside daemonset/node',
+  ],
+  [
+    'manifests',
+    'daemonset/kustomization.yaml',
+    'newTag: ',
+    'newTag: 9',
+    'is not the CMake project version',
+  ],
+  [
+    'manifests',
+    'daemonset/uninstall/uninstaller.yaml',
+    'image: ghcr.io/ketches/registry-proxy:',
+    'image: ghcr.io/ketches/registry-proxy:9',
+    'expected ghcr.io/ketches/registry-proxy:',
+  ],
+  [
+    'manifests',
+    'daemonset/node/installer.yaml',
+    'mountPath: /host',
+    'mountPath: /hostroot',
+    '--host-root /host is not where',
+  ],
+  [
+    'manifests',
+    'daemonset/node/installer.yaml',
+    '- --watch',
+    '- --wtch',
+    'node install without --watch',
+  ],
+  [
+    'manifests',
+    'daemonset/node/installer.yaml',
+    'hostPID: true',
+    'hostPID: false',
+    'needs hostPID',
+  ],
+  [
+    'manifests',
+    'daemonset/node/installer.yaml',
+    'priorityClassName: system-node-critical',
+    'priorityClassName: system-cluster-critical',
+    'priorityClassName must be system-node-critical',
+  ],
+  [
+    'manifests',
+    'daemonset/node/namespace.yaml',
+    'enforce: privileged',
+    'enforce: baseline',
+    'which does not allow it',
+  ],
+  [
+    'manifests',
+    'daemonset/uninstall/uninstaller.yaml',
+    '- operator: Exists',
+    '- operator: Exists\n          key: dedicated',
+    'must tolerate every taint',
+  ],
+  [
+    'manifests',
+    'daemonset/webhook/kustomization.yaml',
+    '  - pdb.yaml\n',
+    '',
+    'no PodDisruptionBudget',
+  ],
+  [
+    'manifests',
+    'daemonset/webhook/cert-manager/kustomization.yaml',
+    'kind: MutatingWebhookConfiguration\n      name: registry-proxy\n',
+    'kind: MutatingWebhookConfiguration\n      name: registry-proxi\n',
+    'the target matches no object',
+  ],
+  [
+    'manifests',
+    'daemonset/kustomization.yaml',
+    'namespace: registry-proxy',
+    'namespace: registry-proxy\ncommonLabels: {a: b}',
+    "'commonLabels' is not modelled",
+  ],
+  [
+    'packaging',
+    'Dockerfile',
+    'COPY proto proto',
+    'COPY protos protos',
+    'COPY source protos does not exist',
+  ],
+  ['packaging', '.dockerignore', '/dist', '/dist\nsystemd', 'COPY source systemd is excluded'],
+  [
+    'packaging',
+    'Dockerfile',
+    'USER 65532:65532',
+    'USER 1000:1000',
+    'USER 1000 but the webhook Deployment runs as 65532',
+  ],
+  [
+    'packaging',
+    'Dockerfile',
+    'FROM debian:12-slim',
+    'FROM debian:12-slim AS runtime\nCOPY --from=builder /x /x',
+    'COPY --from=builder: no such stage',
+  ],
+  [
+    'packaging',
+    'Dockerfile',
+    'source="https://github.com/ketches/',
+    'source="https://github.com/other/',
+    'org.opencontainers.image.source is https://github.com/other/',
+  ],
+  [
+    'packaging',
+    '.github/workflows/image.yml',
+    'IMAGE: ghcr.io/ketches/registry-proxy',
+    'IMAGE: ghcr.io/other/registry-proxy',
+    'env IMAGE is ghcr.io/other/registry-proxy',
+  ],
+  [
+    'packaging',
+    '.github/workflows/ci.yml',
+    'run: bash .ci/run',
+    'run: bash scripts/test.sh',
+    'no workflow runs .ci/run',
+  ],
+  [
+    'packaging',
+    '.github/workflows/ci.yml',
+    'jobs:',
+    'jobs:\n  broken: [',
+    '.github/workflows/ci.yml',
+  ],
+  [
+    'packaging',
+    '.github/workflows/image.yml',
+    'actions/checkout@v4',
+    'actions/checkout',
+    'uses actions/checkout: pin a version',
+  ],
+];
+if (binary) {
+  MUTATIONS.push([
+    'manifests',
+    'daemonset/webhook/deployment.yaml',
+    '--shutdown-delay=5',
+    '--shutdown-delai=5',
+    'registry-proxy webhook has no flag --shutdown-delai',
+  ]);
+}
+
+function run(mode, dir) {
+  const problems = check(mode, dir, {
+    binary: mode === 'manifests' ? binary : null,
+    log: () => {},
+  });
+  return { status: problems.length ? 1 : 0, out: problems.map((p) => `FAIL ${p}`).join('\n') };
+}
+function fresh(dir) {
+  fs.rmSync(dir, { recursive: true, force: true });
+  for (const p of COPY) fs.cpSync(path.join(root, p), path.join(dir, p), { recursive: true });
+  for (const p of LINK) {
+    fs.mkdirSync(path.dirname(path.join(dir, p)), { recursive: true });
+    fs.symlinkSync(path.resolve(root, p), path.join(dir, p));
+  }
+}
+
+let failed = 0;
+const base = path.join(tmp, 'tree');
+fresh(base);
+for (const mode of ['manifests', 'packaging']) {
+  const r = run(mode, base);
+  if (r.status !== 0) {
+    console.error(`FAIL: the unmodified copy does not pass ${mode}:\n${r.out}`);
+    process.exit(1);
+  }
+}
+for (const [mode, file, from, to, expected] of MUTATIONS) {
+  const name = `${file}: '${from.split('\n')[0]}' -> '${to.split('\n')[0]}'`;
+  fresh(base);
+  const f = path.join(base, file);
+  const text = fs.readFileSync(f, 'utf8');
+  if (!text.includes(from)) {
+    console.error(`FAIL ${name}: text not found (update tests/manifests/selftest.js)`);
+    failed++;
+    continue;
+  }
+  fs.writeFileSync(f, text.replace(from, to));
+  const r = run(mode, base);
+  if (r.status === 1 && r.out.includes(expected)) {
+    console.log(
+      `ok   ${name}: ${r.out
+        .split('\n')
+        .find((l) => l.includes(expected))
+        .trim()}`,
+    );
+  } else {
+    console.error(`FAIL ${name}: expected exit 1 with '${expected}', got ${r.status}:\n${r.out}`);
+    failed++;
+  }
+}
+console.log(`${MUTATIONS.length - failed} passed, ${failed} failed`);
+process.exit(failed ? 1 : 0);
