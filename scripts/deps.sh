@@ -4,15 +4,22 @@ set -euo pipefail
 
 RP_BUILD_PKGS=(cmake ninja-build g++ pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  libyaml-cpp-dev libspdlog-dev libssl-dev nlohmann-json3-dev libcpp-httplib-dev)
+  libyaml-cpp-dev libspdlog-dev libssl-dev nlohmann-json3-dev libcpp-httplib-dev
+  patchelf)
 RP_TEST_PKGS=(libgtest-dev libgmock-dev libbenchmark-dev clang libclang-rt-14-dev
-  containerd runc docker-registry umoci skopeo busybox-static openssl curl wrk)
+  containerd runc docker-registry umoci skopeo busybox-static openssl curl wrk socat
+  systemd)
 
 rp_install_deps() {
   local want=("${RP_BUILD_PKGS[@]}")
   case "${1:-build}" in
     test) want+=("${RP_TEST_PKGS[@]}") ;;
   esac
+  # tests/manifests needs node and npm (Debian's nodejs npm). A node installed otherwise (one
+  # that carries its own npm, which Debian's npm package conflicts with) is kept.
+  if [ "${1:-build}" = test ] && ! { command -v node && command -v npm; } >/dev/null 2>&1; then
+    want+=(nodejs npm)
+  fi
   local missing=()
   for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -70,6 +70,8 @@ if has bench; then
   "$BUILD/bench/policy_bench" --benchmark_min_time=0.5 --benchmark_counters_tabular=true
   echo "== benchmark (webhook under load on loopback; numbers only)"
   "$RP_ROOT/bench/webhook_load.sh" "$BUILD" || failed+=("bench-webhook")
+  echo "== benchmark (CRI hop: containerd vs daemon vs socat, smoke; full run: ninja bench-cri)"
+  "$BUILD/bench/cri_load" --smoke || failed+=("bench-cri")
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then

@@ -17,6 +17,7 @@
 #include "client_cmds.h"
 #include "config.h"
 #include "config_store.h"
+#include "node_install.h"
 #include "serve.h"
 #include "signals.h"
 #include "version.h"
@@ -257,6 +258,7 @@ Commands:
   resolve IMAGE...      explain where IMAGE will be pulled from, and why
   check-config FILE     validate a config file (errors with line and column)
   watch-config FILE     load a config and follow its changes as the daemon does
+  node install|uninstall  put the daemon on a host under systemd, or take it off
   pull IMAGE            pull through a CRI socket as kubelet does (-n NS for pod metadata)
   images                list the images a CRI runtime knows
   status IMAGE          show a CRI runtime's status of IMAGE (exit 1 if absent)
@@ -288,9 +290,16 @@ int RunCli(int argc, char** argv, std::ostream& out, std::ostream& err) {
   }
   using Command = std::function<int(const std::vector<std::string>&, std::ostream&, std::ostream&)>;
   static const std::map<std::string, Command> kCommands = {
-      {"serve", CmdServe},           {"resolve", Resolve},  {"check-config", CheckConfig},
-      {"watch-config", WatchConfig}, {"pull", CmdPull},     {"images", CmdImages},
-      {"status", CmdStatus},         {"remove", CmdRemove}, {"webhook", CmdWebhook},
+      {"serve", CmdServe},
+      {"resolve", Resolve},
+      {"check-config", CheckConfig},
+      {"watch-config", WatchConfig},
+      {"pull", CmdPull},
+      {"images", CmdImages},
+      {"status", CmdStatus},
+      {"remove", CmdRemove},
+      {"webhook", CmdWebhook},
+      {"node", CmdNode},
   };
   auto it = kCommands.find(cmd);
   if (it == kCommands.end()) {

@@ -598,8 +598,53 @@ const std::vector<std::string_view> kRuleKeys = {
 const std::vector<std::string_view> kMirrorKeys = {"host", "dropLibrary", "credentials"};
 const std::vector<std::string_view> kNoNamespaceKeys = {"policy", "namespace"};
 const std::vector<std::string_view> kNodeKeys = {
-    "listen",         "upstream",        "containerdNamespace",
-    "metricsAddress", "credentialsFile", "keepMirrorNames"};
+    "listen",          "upstream",           "containerdNamespace", "metricsAddress",
+    "credentialsFile", "keepMirrorNames",    "mirrorProbe",         "mirrorProbeTimeout",
+    "mirrorCooldown",  "containerdHostsDir", "pullAttemptTimeout",  "pullTimeout"};
+
+// "2s", "500ms", "5m", "1h30m", "0": whole numbers with a unit each (ms, s, m, h); "0" alone
+// needs none. At most 24h.
+Result<std::chrono::milliseconds> ParseDuration(std::string_view s) {
+  const std::string what = "duration '" + std::string(s) + "'";
+  if (s == "0") return std::chrono::milliseconds(0);
+  if (s.empty()) return Status::Error("empty duration; write e.g. 2s, 500ms, 5m, or 0 for none");
+  int64_t total_ms = 0;
+  size_t i = 0;
+  while (i < s.size()) {
+    size_t start = i;
+    int64_t n = 0;
+    while (i < s.size() && s[i] >= '0' && s[i] <= '9') {
+      n = n * 10 + (s[i] - '0');
+      if (n > 100000000) return Status::Error(what + " is too long (at most 24h)");
+      ++i;
+    }
+    if (i == start) {
+      return Status::Error(what + ": expected a number at '" + std::string(s.substr(i)) +
+                           "'; write e.g. 2s, 500ms, 5m, or 0 for none");
+    }
+    size_t ustart = i;
+    while (i < s.size() && !(s[i] >= '0' && s[i] <= '9')) ++i;
+    std::string_view unit = s.substr(ustart, i - ustart);
+    int64_t mult = 0;
+    if (unit == "ms")
+      mult = 1;
+    else if (unit == "s")
+      mult = 1000;
+    else if (unit == "m")
+      mult = 60 * 1000;
+    else if (unit == "h")
+      mult = 3600 * 1000;
+    if (mult == 0) {
+      return Status::Error(
+          what +
+          (unit.empty() ? " has no unit" : " has an unknown unit '" + std::string(unit) + "'") +
+          "; units are ms, s, m, h (e.g. 2s, 500ms, 5m), or write 0 for none");
+    }
+    total_ms += n * mult;
+    if (total_ms > 24LL * 3600 * 1000) return Status::Error(what + " is too long (at most 24h)");
+  }
+  return std::chrono::milliseconds(total_ms);
+}
 const std::vector<std::string_view> kNoNamespacePolicies = {"rewrite", "passthrough",
                                                             "asNamespace"};
 
@@ -1185,6 +1230,10 @@ void Loader::NodeSection(const Item& it, NodeSettings& node, Pos& listen_pos, Po
       if (auto b = Bool(e.value)) node.keep_mirror_names = *b;
       continue;
     }
+    if (e.key == "mirrorProbe") {
+      if (auto b = Bool(e.value)) node.mirror_probe = *b;
+      continue;
+    }
     auto s = String(e.value);
     if (!s) continue;
     Status status;
@@ -1202,6 +1251,28 @@ void Loader::NodeSection(const Item& it, NodeSettings& node, Pos& listen_pos, Po
     } else if (e.key == "metricsAddress") {
       status = ListenAddress(*s);
       if (status.ok()) node.metrics_address = *s;
+    } else if (e.key == "mirrorProbeTimeout" || e.key == "mirrorCooldown" ||
+               e.key == "pullAttemptTimeout" || e.key == "pullTimeout") {
+      auto d = ParseDuration(*s);
+      if (!d.ok()) {
+        status = d.status();
+      } else if (e.key == "mirrorProbeTimeout" && d->count() == 0) {
+        status = Status::Error(
+            "the probe needs a timeout (e.g. 2s); turn probing off with "
+            "mirrorProbe: false");
+      } else {
+        (e.key == "mirrorProbeTimeout"   ? node.mirror_probe_timeout
+         : e.key == "mirrorCooldown"     ? node.mirror_cooldown
+         : e.key == "pullAttemptTimeout" ? node.pull_attempt_timeout
+                                         : node.pull_timeout) = *d;
+      }
+    } else if (e.key == "containerdHostsDir") {
+      if (!s->empty() && (*s)[0] != '/') {
+        status = Status::Error("containerd hosts dir " + Quote(*s) +
+                               " must be an absolute path (or '' for none: probe the default)");
+      } else {
+        node.containerd_hosts_dir = *s;
+      }
     } else if (e.key == "credentialsFile") {
       if (!s->empty() && (*s)[0] != '/') {
         status = Status::Error("credentials file " + Quote(*s) +

@@ -9,6 +9,7 @@
 // list of errors, each with file, line, column and field.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -35,6 +36,17 @@ struct NodeSettings {
   // After a mirror served an image, keep its mirror-named records next to the upstream
   // names. Off by default so `crictl images` and pod status show only upstream names.
   bool keep_mirror_names = false;
+  // Mirror failover (see mirror_health.h). Probe each mirror (GET /v2/) before handing it to
+  // containerd; a dead one is skipped for mirror_cooldown (0 = no circuit breaker).
+  bool mirror_probe = true;
+  std::chrono::milliseconds mirror_probe_timeout{2000};
+  std::chrono::milliseconds mirror_cooldown{30000};
+  // containerd's registry config_path: the probe reads <host>/hosts.toml there, as containerd.
+  std::string containerd_hosts_dir = "/etc/containerd/certs.d";
+  // Deadlines the daemon sets itself: per pull handed to containerd, and for the whole
+  // PullImage call. 0 = none (large images legitimately take minutes).
+  std::chrono::milliseconds pull_attempt_timeout{0};
+  std::chrono::milliseconds pull_timeout{0};
 };
 
 struct Config {

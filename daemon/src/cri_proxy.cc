@@ -1,7 +1,12 @@
 #include "cri_proxy.h"
 
+#include <absl/synchronization/mutex.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <grpcpp/server_posix.h>
+#include <poll.h>
 #include <spdlog/spdlog.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -105,6 +110,51 @@ std::string ToString(const grpc::ByteBuffer& bb) {
   out.reserve(bb.Length());
   for (const auto& s : slices) out.append(reinterpret_cast<const char*>(s.begin()), s.size());
   return out;
+}
+
+// Whether a serialized message has top-level field 1, length-delimited, in one slice:
+// 1 = yes, 0 = no, -1 = cannot tell (more than one slice, or not well-formed protobuf). For an
+// ImageStatusResponse, field 1 is `image`: present means a hit, which is never recovered, so
+// the interceptor is not asked (that would copy both messages and parse the response).
+int HasLengthDelimitedField1(const grpc::ByteBuffer& bb) {
+  grpc::Slice slice;
+  if (!bb.TrySingleSlice(&slice).ok()) return -1;
+  const uint8_t* p = slice.begin();
+  const uint8_t* end = slice.end();
+  auto varint = [&](uint64_t* v) {
+    *v = 0;
+    for (int shift = 0; shift < 64 && p < end; shift += 7) {
+      uint8_t b = *p++;
+      *v |= static_cast<uint64_t>(b & 0x7f) << shift;
+      if (!(b & 0x80)) return true;
+    }
+    return false;
+  };
+  while (p < end) {
+    uint64_t key, v;
+    if (!varint(&key) || (key >> 3) == 0) return -1;
+    switch (key & 7) {
+      case 0:  // varint
+        if (!varint(&v)) return -1;
+        break;
+      case 1:  // fixed64
+        if (end - p < 8) return -1;
+        p += 8;
+        break;
+      case 2:  // length-delimited
+        if (!varint(&v) || v > static_cast<uint64_t>(end - p)) return -1;
+        if ((key >> 3) == 1) return 1;
+        p += v;
+        break;
+      case 5:  // fixed32
+        if (end - p < 4) return -1;
+        p += 4;
+        break;
+      default:  // groups (unused by the CRI) and invalid wire types
+        return -1;
+    }
+  }
+  return 0;
 }
 
 grpc::ByteBuffer ToByteBuffer(const std::string& s) {
@@ -216,7 +266,7 @@ class CriProxy::Call {
       Finish(cstatus_);
       return;
     }
-    if (info_.kind == Kind::kStatus && !cancelled_) {
+    if (info_.kind == Kind::kStatus && !cancelled_ && HasLengthDelimitedField1(response_) != 1) {
       std::string request = ToString(request_);
       std::string response = ToString(response_);
       if (proxy_->interceptor_->StatusNeedsRecovery(info_.version, request, response)) {
@@ -450,6 +500,9 @@ std::shared_ptr<grpc::Channel> MakeUpstreamChannel(const std::string& endpoint,
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  // No retry machinery: it buffers every call's send ops in case it must replay them, and the
+  // proxy must not replay anyway (the caller, kubelet, decides that).
+  args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
   std::string target = endpoint.rfind("unix:", 0) == 0 ? endpoint : "unix://" + endpoint;
   return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
 }
@@ -506,7 +559,13 @@ CriProxy::CriProxy(ProxyOptions options, std::shared_ptr<grpc::Channel> upstream
       upstream_(std::move(upstream)),
       stub_(upstream_),
       interceptor_(interceptor),
-      observer_(observer) {}
+      observer_(observer) {
+  // Debian's abseil is built without NDEBUG, so every absl::Mutex that gRPC locks also runs
+  // abseil's deadlock detector (a lock graph kept under a global lock): about 8% of the
+  // daemon's CPU on the forwarding path (perf). gRPC's own locking is not ours to verify;
+  // TSan builds still check ours. Process-wide, and idempotent.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+}
 
 CriProxy::~CriProxy() { Shutdown(std::chrono::milliseconds(0)); }
 
@@ -514,22 +573,64 @@ Status CriProxy::Start() {
   auto path = UnixSocketPath(options_.listen);
   if (!path.ok()) return path.status();
   socket_path_ = *path;
-  if (Status s = PrepareSocketPath(socket_path_); !s.ok()) return s;
+  const bool inherited = options_.listen_fd >= 0;
+  if (inherited) {
+    // Socket activation: systemd made and owns the socket; name it as it is.
+    sockaddr_un addr{};
+    socklen_t len = sizeof(addr);
+    if (getsockname(options_.listen_fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0 &&
+        addr.sun_family == AF_UNIX && addr.sun_path[0] != '\0') {
+      socket_path_ = addr.sun_path;
+    }
+    accept_wake_fd_ = eventfd(0, EFD_CLOEXEC);
+    if (accept_wake_fd_ < 0) return Status::Error(std::string("eventfd: ") + std::strerror(errno));
+  } else if (Status s = PrepareSocketPath(socket_path_); !s.ok()) {
+    return s;
+  }
 
   grpc::ServerBuilder builder;
-  builder.AddListeningPort("unix://" + socket_path_, grpc::InsecureServerCredentials());
+  if (!inherited) {
+    builder.AddListeningPort("unix://" + socket_path_, grpc::InsecureServerCredentials());
+  }
   builder.RegisterAsyncGenericService(&service_);
   builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
   builder.SetMaxSendMessageSize(options_.max_message_bytes);
   cq_ = builder.AddCompletionQueue();
   server_ = builder.BuildAndStart();
   if (!server_) return Status::Error("cannot listen on " + socket_path_);
-  if (chmod(socket_path_.c_str(), 0660) != 0) {
+  if (!inherited && chmod(socket_path_.c_str(), 0660) != 0) {
     spdlog::warn("cannot chmod {}: {}", socket_path_, std::strerror(errno));
   }
   for (int i = 0; i < options_.request_slots; ++i) RequestNewCall();
   loop_ = std::thread([this] { Loop(); });
+  if (inherited) accept_ = std::thread([this] { AcceptLoop(); });
   return Status::Ok();
+}
+
+// Socket activation: accepts on the inherited listener until Shutdown() wakes it, handing each
+// connection to the server (gRPC 1.51 cannot serve a listening fd itself).
+void CriProxy::AcceptLoop() {
+  // The listener is shared with systemd, which only polls it while no daemon runs.
+  fcntl(options_.listen_fd, F_SETFL, fcntl(options_.listen_fd, F_GETFL) | O_NONBLOCK);
+  pollfd fds[2] = {{options_.listen_fd, POLLIN, 0}, {accept_wake_fd_, POLLIN, 0}};
+  while (true) {
+    if (poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      spdlog::critical("poll on the inherited socket: {}", std::strerror(errno));
+      return;
+    }
+    if (fds[1].revents) return;
+    int fd = accept4(options_.listen_fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ECONNABORTED) {
+        continue;
+      }
+      spdlog::error("accept on {}: {}", socket_path_, std::strerror(errno));
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));  // e.g. EMFILE: no spin
+      continue;
+    }
+    grpc::AddInsecureChannelFromFd(server_.get(), fd);  // the server owns fd from here
+  }
 }
 
 void CriProxy::RequestNewCall() { new Call(this); }
@@ -563,8 +664,16 @@ void CriProxy::Shutdown(std::chrono::milliseconds grace) {
     shutting_down_ = true;
     if (!server_) return;
     // New connections fail from now on (and a new daemon can bind at once); calls on open
-    // connections are still served.
-    unlink(socket_path_.c_str());
+    // connections are still served. An inherited socket stays: new connections wait in its
+    // backlog for the next daemon.
+    if (accept_.joinable()) {
+      uint64_t one = 1;
+      if (write(accept_wake_fd_, &one, sizeof one) < 0) spdlog::warn("eventfd write failed");
+      accept_.join();
+      close(accept_wake_fd_);
+    } else if (options_.listen_fd < 0) {
+      unlink(socket_path_.c_str());
+    }
     // Drain: wait for the calls in flight, not for idle connections (kubelet keeps one open
     // for good, and gRPC's own Shutdown(deadline) would wait the whole grace for it).
     auto deadline = std::chrono::steady_clock::now() + grace;

@@ -5,7 +5,8 @@
 //   be rebuilt when the CRI grows. Metadata, deadlines, cancellation, status code, message
 //   and details pass through unchanged.
 // - Only PullImage and ImageStatus (runtime.v1 and runtime.v1alpha2) are handed to the
-//   ImageInterceptor; the core itself decodes nothing.
+//   ImageInterceptor; the core itself decodes nothing, except that it tells an ImageStatus hit
+//   (response field 1, `image`, present) from the wire bytes and forwards it without asking.
 // - One completion-queue thread drives every call (on these machines each thread hop costs
 //   ~15 us, so the forwarding path has none); work that blocks (a pull, a status repair) runs
 //   on a worker thread of its own and never delays another call.
@@ -51,6 +52,11 @@ struct ProxyOptions {
   int request_slots = 64;
   // Pull and status-repair workers at once; beyond this a call gets RESOURCE_EXHAUSTED.
   int max_workers = 512;
+  // A listening unix socket inherited from systemd (socket activation: registry-proxy.socket)
+  // to serve instead of binding `listen`. Connections are accepted on it and handed to gRPC.
+  // Not owned, never closed or unlinked: connections made while the daemon restarts wait in
+  // its backlog for the next daemon. -1: bind `listen`.
+  int listen_fd = -1;
 };
 
 // Parses "unix:///abs/path" or "/abs/path" into the path; error otherwise.
@@ -88,6 +94,7 @@ class CriProxy {
   friend class Call;
   void Loop();
   void RequestNewCall();
+  void AcceptLoop();                           // listen_fd only
   bool StartWorker(std::function<void()> fn);  // false when at max_workers
   void WorkerDone();
 
@@ -102,6 +109,8 @@ class CriProxy {
   std::unique_ptr<grpc::ServerCompletionQueue> cq_;
   std::unique_ptr<grpc::Server> server_;
   std::thread loop_;
+  std::thread accept_;       // listen_fd only
+  int accept_wake_fd_ = -1;  // eventfd that stops accept_
   std::atomic<bool> shutting_down_{false};
   std::atomic<int> live_calls_{0};    // Call objects, idle request slots included
   std::atomic<int> active_calls_{0};  // calls that arrived and have not ended

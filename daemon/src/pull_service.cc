@@ -146,21 +146,38 @@ std::mutex& PullService::AliasLock(const std::string& name) {
 // exceptions possible here are allocation failures and bugs, answered as INTERNAL.
 InterceptResult PullService::PullImage(CriVersion v, const std::string& request,
                                        const CallOptions& opts) {
+  const auto start = Now();
+  PullTally tally;
+  InterceptResult r;
   try {
-    return DoPullImage(v, request, opts);
+    r = DoPullImage(v, request, opts, &tally);
   } catch (const std::exception& e) {
     spdlog::error("pull: internal error: {}", e.what());
-    return {grpc::Status(grpc::StatusCode::INTERNAL,
-                         std::string("registry-proxy: internal error: ") + e.what()),
-            ""};
+    r = {grpc::Status(grpc::StatusCode::INTERNAL,
+                      std::string("registry-proxy: internal error: ") + e.what()),
+         ""};
+    tally.outcome = PullOutcome::kFailed;
   } catch (...) {
     spdlog::error("pull: internal error");
-    return {grpc::Status(grpc::StatusCode::INTERNAL, "registry-proxy: internal error"), ""};
+    r = {grpc::Status(grpc::StatusCode::INTERNAL, "registry-proxy: internal error"), ""};
+    tally.outcome = PullOutcome::kFailed;
   }
+  if (options_.observer) {
+    PullReport report;
+    report.rule = tally.rule;
+    report.mirror = tally.mirror;
+    report.outcome = tally.outcome;
+    report.code = r.status.error_code();
+    report.duration = Now() - start;
+    report.attempts = tally.attempts;
+    options_.observer->OnPull(report);
+  }
+  return r;
 }
 
 InterceptResult PullService::DoPullImage(CriVersion v, const std::string& request,
-                                         const CallOptions& opts) {
+                                         const CallOptions& opts, PullTally* tally) {
+  PullObserver* const obs = options_.observer;
   // Forwards the caller's own bytes: containerd sees exactly the request kubelet sent.
   auto forward = [&](std::string_view image, std::string_view ns, std::string_view why, bool auth) {
     const auto start = Now();
@@ -169,6 +186,9 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
     spdlog::info("pull {}: {}; forwarded unchanged; namespace={} auth={} {}ms: {}", LogSafe(image),
                  LogSafe(why), LogSafe(ns), auth ? "yes" : "no", Ms(Now() - start),
                  Outcome(r.status));
+    if (obs) obs->OnAttempt("", "upstream", r.status.error_code(), Now() - start);
+    tally->attempts = 1;
+    tally->outcome = PullOutcome::kPassthrough;
     if (!r.status.ok()) r.response.clear();
     return r;
   };
@@ -210,33 +230,82 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
   }
 
   const PullLog log{LogSafe(image), LogSafe(ns), d.rule ? d.rule->origin : "-"};
+  tally->rule = d.rule ? d.rule->match : "";
+  const NodeSettings& node = config->node;
+  const HealthSettings health{node.mirror_probe, node.mirror_probe_timeout, node.mirror_cooldown,
+                              node.containerd_hosts_dir};
+  // The whole call's deadline: the caller's, or node.pullTimeout from now when sooner.
+  using SysClock = std::chrono::system_clock;
+  const SysClock::time_point none = SysClock::time_point::max();
+  SysClock::time_point overall = opts.deadline;
+  if (node.pull_timeout.count() > 0)
+    overall = std::min(overall, SysClock::now() + node.pull_timeout);
+  auto cancelled = [&] {
+    tally->outcome = PullOutcome::kCancelled;
+    return InterceptResult{CancelledStatus(), ""};
+  };
+
   const size_t n = d.candidates.size();
   grpc::Status last(grpc::StatusCode::UNKNOWN, "registry-proxy: no candidate was tried");
+  bool attempted = false;  // whether `last` is an attempt's error
   for (size_t i = 0; i < n; ++i) {
     const Candidate& c = d.candidates[i];
-    if (Cancelled(opts)) return {CancelledStatus(), ""};
-    if (opts.deadline != std::chrono::system_clock::time_point::max() &&
-        std::chrono::system_clock::now() >= opts.deadline && i > 0) {
+    if (Cancelled(opts)) return cancelled();
+    if (overall != none && SysClock::now() >= overall && i > 0) {
       // Every further attempt would fail at once with DEADLINE_EXCEEDED.
+      for (size_t j = i; j < n; ++j) {
+        if (d.candidates[j].upstream) continue;
+        if (obs) obs->OnMirrorSkipped(d.candidates[j].mirror->host, SkipReason::kNoTime);
+      }
+      spdlog::warn("pull {}: {} deadline passed; {} candidate(s) not tried", log.image,
+                   opts.deadline <= overall ? "the caller's" : "node.pullTimeout's", n - i);
       break;
     }
     const auto start = Now();
+    // This attempt's deadline: the call's, or node.pullAttemptTimeout from now when sooner.
+    CallOptions aopts = opts;
+    aopts.deadline = overall;
+    if (node.pull_attempt_timeout.count() > 0) {
+      aopts.deadline = std::min(aopts.deadline, SysClock::now() + node.pull_attempt_timeout);
+    }
+    // Whether a DEADLINE_EXCEEDED came from our own attempt deadline, not the caller's.
+    auto own_deadline_hit = [&](const grpc::Status& s) {
+      return s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED &&
+             aopts.deadline < opts.deadline && SysClock::now() >= aopts.deadline;
+    };
+    const std::string_view target = c.upstream ? std::string_view("upstream") : c.mirror->host;
     auto log_attempt = [&](const grpc::Status& s, bool with_auth) {
       auto level = s.ok() ? spdlog::level::info : spdlog::level::warn;
-      spdlog::log(level, "pull {}: attempt {}/{} {} ({}) namespace={} rule={} auth={} {}ms: {}",
+      std::string note;
+      if (own_deadline_hit(s)) {
+        note = aopts.deadline < overall || overall == opts.deadline
+                   ? " (node.pullAttemptTimeout " +
+                         std::to_string(node.pull_attempt_timeout.count()) + "ms hit)"
+                   : " (node.pullTimeout " + std::to_string(node.pull_timeout.count()) + "ms hit)";
+      }
+      spdlog::log(level, "pull {}: attempt {}/{} {} ({}) namespace={} rule={} auth={} {}ms: {}{}",
                   log.image, i + 1, n, c.image, c.upstream ? "upstream" : "mirror", log.ns,
-                  log.rule, with_auth ? "yes" : "no", Ms(Now() - start), Outcome(s));
+                  log.rule, with_auth ? "yes" : "no", Ms(Now() - start), Outcome(s), note);
+    };
+    auto count_attempt = [&](const grpc::Status& s) {
+      ++tally->attempts;
+      attempted = true;
+      if (obs) obs->OnAttempt(tally->rule, target, s.error_code(), Now() - start);
     };
 
     if (c.upstream) {
       // The upstream candidate is the caller's image unchanged (and the request carries no
       // credentials, or it would not have been rewritten): forward the caller's bytes.
       InterceptResult r;
-      r.status = cri_->PullImageRaw(v, request, opts, &r.response);
+      r.status = cri_->PullImageRaw(v, request, aopts, &r.response);
       log_attempt(r.status, false);
-      if (r.status.ok()) return r;
+      count_attempt(r.status);
+      if (r.status.ok()) {
+        tally->outcome = PullOutcome::kFallback;  // every mirror failed or was skipped
+        return r;
+      }
       last = r.status;
-      if (Cancelled(opts)) return {CancelledStatus(), ""};
+      if (Cancelled(opts)) return cancelled();
       continue;
     }
 
@@ -269,24 +338,92 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
         last = grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                             "registry-proxy: mirror " + c.mirror->host + " needs credentials '" +
                                 name + "': " + problem);
+        attempted = true;
         log_attempt(last, false);
         continue;
       }
     }
+
+    // Is the mirror worth handing to containerd? (Cheap unless a probe is due.)
+    if (options_.health) {
+      const std::string& key = c.mirror->domain;
+      HealthVerdict hv = options_.health->Check(key, health, aopts);
+      if (hv.ran_probe) {
+        spdlog::log(hv.probe.alive ? spdlog::level::info : spdlog::level::warn,
+                    "mirror {}: probe {} {} in {}ms: {}", c.mirror->host, hv.target,
+                    hv.probe.alive ? "alive" : "DEAD", Ms(hv.probe_duration), hv.probe.detail);
+        if (obs) obs->OnProbe(c.mirror->host, hv.probe.alive, hv.probe_duration);
+        if (hv.breaker_opened) {
+          spdlog::warn("mirror {}: circuit breaker open for {}ms: probe failed", c.mirror->host,
+                       health.cooldown.count());
+          if (obs) obs->OnBreaker(c.mirror->host, true);
+        }
+        if (hv.breaker_closed) {
+          spdlog::info("mirror {}: circuit breaker closed: probe alive", c.mirror->host);
+          if (obs) obs->OnBreaker(c.mirror->host, false);
+        }
+      }
+      std::string skip;
+      SkipReason reason = SkipReason::kProbeFailed;
+      switch (hv.action) {
+        case HealthVerdict::Action::kTry:
+          break;
+        case HealthVerdict::Action::kCancelled:
+          return cancelled();
+        case HealthVerdict::Action::kCooldown:
+          reason = SkipReason::kCooldown;
+          skip = "circuit breaker open (" + std::to_string(hv.cooldown_left.count()) +
+                 "ms of cooldown left)";
+          break;
+        case HealthVerdict::Action::kDead:
+          reason = SkipReason::kProbeFailed;
+          skip = "probe " + hv.target + " failed: " + hv.probe.detail;
+          break;
+        case HealthVerdict::Action::kNoTime:
+          reason = SkipReason::kNoTime;
+          skip = "the deadline passed while probing it";
+          break;
+      }
+      if (!skip.empty()) {
+        spdlog::warn("pull {}: attempt {}/{} {} (mirror) namespace={} rule={}: skipped: {}",
+                     log.image, i + 1, n, c.image, log.ns, log.rule, skip);
+        if (obs) obs->OnMirrorSkipped(c.mirror->host, reason);
+        if (!attempted) {
+          last = grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                              "registry-proxy: mirror " + c.mirror->host + " skipped: " + skip);
+        }
+        continue;
+      }
+    }
+
     runtime::v1::PullImageResponse resp;
     grpc::Status s;
     {
       auto mref = ParseNamedReference(c.image);
       std::optional<MirrorPullScope> in_containerd;
       if (mref.ok()) in_containerd.emplace(this, mref->NormalizedString());
-      s = cri_->PullImage(v, mreq, opts, &resp);
+      s = cri_->PullImage(v, mreq, aopts, &resp);
     }
     log_attempt(s, with_auth);
+    count_attempt(s);
+    if (options_.health && !(Cancelled(opts) && !s.ok())) {
+      const bool down = !s.ok() && AttemptSaysDown(s, own_deadline_hit(s));
+      const int change = options_.health->Report(c.mirror->domain, s.ok(), down, health);
+      if (change > 0) {
+        spdlog::warn("mirror {}: circuit breaker open for {}ms: {}", c.mirror->host,
+                     health.cooldown.count(), Outcome(s));
+      } else if (change < 0) {
+        spdlog::info("mirror {}: circuit breaker closed: it served {}", c.mirror->host, c.image);
+      }
+      if (change != 0 && obs) obs->OnBreaker(c.mirror->host, change > 0);
+    }
     if (!s.ok()) {
       last = s;
-      if (Cancelled(opts)) return {CancelledStatus(), ""};
+      if (Cancelled(opts)) return cancelled();
       continue;
     }
+    tally->outcome = PullOutcome::kMirror;
+    tally->mirror = c.mirror->host;
 
     // A mirror served it. If aliasing fails, the pull still succeeds: the image IS on the
     // node (under the mirror name) and image_ref (its id) is what kubelet creates the
@@ -322,6 +459,7 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
     return {grpc::Status::OK, resp.SerializeAsString()};
   }
   // kubelet parses pull error messages: the last failure goes back exactly as it came.
+  tally->outcome = PullOutcome::kFailed;
   return {last, ""};
 }
 

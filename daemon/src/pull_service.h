@@ -34,6 +34,7 @@
 #include "config.h"
 #include "credentials.h"
 #include "interceptor.h"
+#include "mirror_health.h"
 #include "pull_observer.h"
 #include "upstream.h"
 
@@ -62,6 +63,10 @@ struct PullServiceOptions {
 
   // Told about every pull, attempt, probe and breaker change (metrics). Not owned; may be null.
   PullObserver* observer = nullptr;
+
+  // Mirror liveness probes and circuit breakers (MirrorHealthChecker in the daemon), asked
+  // before every mirror attempt and told how it went. Not owned; null = every mirror is tried.
+  MirrorHealth* health = nullptr;
 };
 
 class PullService final : public ImageInterceptor {
@@ -84,7 +89,14 @@ class PullService final : public ImageInterceptor {
                                 const std::string& response, const CallOptions& opts) override;
 
  private:
-  InterceptResult DoPullImage(CriVersion v, const std::string& request, const CallOptions& opts);
+  // What one PullImage call reports to the observer when it ends.
+  struct PullTally {
+    std::string rule, mirror;
+    PullOutcome outcome = PullOutcome::kFailed;
+    int attempts = 0;
+  };
+  InterceptResult DoPullImage(CriVersion v, const std::string& request, const CallOptions& opts,
+                              PullTally* tally);
   InterceptResult DoRecoverStatus(CriVersion v, const std::string& request,
                                   const std::string& response, const CallOptions& opts);
 

@@ -4,15 +4,22 @@
 #include <spdlog/spdlog.h>
 #include <stdlib.h>
 
+#include <atomic>
 #include <csignal>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "cli_args.h"
+#include "channel_keeper.h"
 #include "config_store.h"
 #include "cri_proxy.h"
+#include "logging.h"
+#include "node_metrics.h"
+#include "ops_server.h"
 #include "pull_service.h"
+#include "sd_listen.h"
 #include "sd_notify.h"
 #include "signals.h"
 #include "upstream_grpc.h"
@@ -22,7 +29,8 @@ namespace {
 
 constexpr char kServeHelp[] =
     R"(Usage: registry-proxy serve [--config FILE] [--listen ENDPOINT] [--upstream ENDPOINT]
-                            [--grace SECONDS] [--log-level LEVEL]
+                            [--grace SECONDS] [--metrics-address HOST:PORT]
+                            [--log-level LEVEL] [--log-format text|json]
 
 Serves the CRI (runtime.v1 and runtime.v1alpha2, ImageService and RuntimeService) on a unix
 socket and forwards every call to containerd unchanged, except that PullImage is rewritten to
@@ -35,7 +43,11 @@ if upstream had served it.
       --listen EP       socket to serve (default: node.listen, unix:///run/registry-proxy/registry-proxy.sock)
       --upstream EP     containerd's CRI socket (default: node.upstream, unix:///run/containerd/containerd.sock)
       --grace SECONDS   on SIGTERM/SIGINT, how long in-flight calls may finish (default 10)
-      --log-level L     trace, debug, info (default), warn, error
+      --metrics-address HOST:PORT
+                        plain HTTP GET /metrics (Prometheus), /healthz, /readyz (default:
+                        node.metricsAddress, 127.0.0.1:9464; "" turns it off)
+      --log-level L     trace, debug, info (default), warn, error, critical, off
+      --log-format F    text (default) or json (one JSON object per line)
 
 Point kubelet at it with imageServiceEndpoint: unix:///run/registry-proxy/registry-proxy.sock
 and crictl with --image-endpoint (or /etc/crictl.yaml image-endpoint).
@@ -43,15 +55,21 @@ and crictl with --image-endpoint (or /etc/crictl.yaml image-endpoint).
 
 constexpr char kDefaultConfigPath[] = "/etc/registry-proxy/config.yaml";
 
-// Every finished call, at debug level (the level check comes first: free when off).
+// Every finished call, at debug level (the level check comes first: free when off), after
+// `next` (the metrics) saw it.
 class LogCalls final : public CallObserver {
  public:
+  explicit LogCalls(CallObserver* next) : next_(next) {}
   void OnCallDone(std::string_view method, grpc::StatusCode code,
                   std::chrono::nanoseconds duration) override {
+    next_->OnCallDone(method, code, duration);
     if (!spdlog::should_log(spdlog::level::debug)) return;
     spdlog::debug("call {} code={} {:.3f} ms", method, static_cast<int>(code),
                   std::chrono::duration<double, std::milli>(duration).count());
   }
+
+ private:
+  CallObserver* const next_;
 };
 
 }  // namespace
@@ -62,7 +80,9 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
                          {"--listen", ""},
                          {"--upstream", ""},
                          {"--grace", ""},
+                         {"--metrics-address", ""},
                          {"--log-level", ""},
+                         {"--log-format", ""},
                          {"--help", "-h", false}},
                         err);
   if (!args) return err << kServeHelp, 2;
@@ -77,13 +97,16 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
     }
     grace_s = static_cast<int>(v);
   }
-  if (auto l = args->Get("--log-level")) {
-    auto level = spdlog::level::from_str(*l);
-    if (level == spdlog::level::off && *l != "off") {
-      return err << "--log-level: unknown level '" << *l << "'\n", 2;
+  if (auto a = args->Get("--metrics-address"); a && !a->empty()) {
+    std::string host;
+    int port;
+    if (Status s = ParseHostPort(*a, &host, &port); !s.ok()) {
+      return err << "--metrics-address " << s.message() << "\n", 2;
     }
-    spdlog::set_level(level);
   }
+  LogOptions log_options;
+  if (auto e = ParseLogFlags(*args, &log_options)) return err << *e << "\n", 2;
+  SetUpLogging(log_options);
   // One poller, no spurious wake-up per write (measured; see DESIGN.md). Must be set before
   // gRPC starts; an explicit setting by the operator wins.
   setenv("GRPC_POLL_STRATEGY", "poll", /*overwrite=*/0);
@@ -103,6 +126,14 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
   ProxyOptions popts;
   popts.listen = args->Get("--listen").value_or(node.listen);
   popts.upstream = args->Get("--upstream").value_or(node.upstream);
+  // Socket activation (registry-proxy.socket): serve systemd's socket, which outlives us, so
+  // connections made while the daemon restarts wait instead of failing.
+  if (auto fd = SdListenFd(); !fd.ok()) {
+    return err << fd.error() << "\n", 1;
+  } else if (*fd >= 0) {
+    popts.listen_fd = *fd;
+    spdlog::info("socket-activated: serving the socket systemd passed (fd {})", *fd);
+  }
   store.SetListener([&store, popts](ReloadResult r, const ReloadStats&) {
     if (r != ReloadResult::kApplied) return;
     const NodeSettings& now = store.Current()->node;
@@ -119,14 +150,22 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
     return err << "upstream: " << up.error() << "\n", 1;
   }
   auto channel = MakeUpstreamChannel(popts.upstream, popts.max_message_bytes);
+  ChannelKeeper keeper(channel);  // reconnects after a containerd restart (channel_keeper.h)
   GrpcCriImageBackend cri(channel);
   GrpcImageRecordStore records(channel,
                                [&store] { return store.Current()->node.containerd_namespace; }, {});
-  PullService pulls(&store, &cri, &records, {});
+  metrics::Registry registry;  // metrics: see node_metrics.h and ops_server.h
+  NodeMetrics node_metrics(&registry);
+  MirrorHealthChecker mirror_health;  // probes and circuit breakers (mirror_health.h)
+  PullServiceOptions pull_options;
+  pull_options.observer = &node_metrics;
+  pull_options.health = &mirror_health;
+  PullService pulls(&store, &cri, &records, pull_options);
 
   // 4. Serve.
-  LogCalls log_calls;
-  CriProxy proxy(popts, channel, &pulls, &log_calls);
+  LogCalls log_calls(&node_metrics);
+  InFlightPulls counted_pulls(&pulls, &node_metrics.pulls_in_flight());
+  CriProxy proxy(popts, channel, &counted_pulls, &log_calls);
   if (Status s = proxy.Start(); !s.ok()) {
     spdlog::critical("cannot serve: {}", s.message());
     return 1;
@@ -135,6 +174,38 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
   ConfigWatcher watcher(&store, {});
   if (Status s = watcher.Start(); !s.ok()) {
     spdlog::warn("config changes will not be seen until SIGHUP: {}", s.message());
+  }
+  // Then metrics and probes (the address is read once, like the sockets). Never a reason not to
+  // serve the CRI: a node must still pull, so a bad or taken address is logged and we go on.
+  AddBuildInfo(&registry);
+  AddProcessMetrics(&registry);
+  AddConfigMetrics(&registry, &store);
+  AddUpstreamStateMetric(&registry, channel);
+  UpstreamCheck upstream_check(channel);
+  std::atomic<bool> stopping{false};
+  OpsServerOptions ops_options;
+  const std::string metrics_address = args->Get("--metrics-address").value_or(node.metrics_address);
+  std::unique_ptr<OpsServer> ops;
+  if (!metrics_address.empty()) {
+    if (Status s = ParseHostPort(metrics_address, &ops_options.host, &ops_options.port); !s.ok()) {
+      spdlog::error("metrics address {}; no metrics endpoint", s.message());
+    } else {
+      ops = std::make_unique<OpsServer>(ops_options, &registry, [&]() -> Readiness {
+        if (stopping.load()) return {false, "shutting down"};
+        if (!store.HasGoodConfig()) {
+          return {false,
+                  "no good config loaded from " + store.path() + ": " + store.Stats().last_error};
+        }
+        return upstream_check.Check();
+      });
+      if (Status st = ops->Start(); !st.ok()) {
+        spdlog::error("no metrics endpoint: {}", st.message());
+        ops.reset();
+      } else {
+        spdlog::info("metrics and probes on http://{}:{} (/metrics, /healthz, /readyz)",
+                     ops_options.host, ops->port());
+      }
+    }
   }
   spdlog::info("registry-proxy serving {} -> {} (config {}, {})", proxy.socket_path(),
                popts.upstream, store.path(),
@@ -152,8 +223,10 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
 
   // 7. Teardown, in reverse.
   SdNotify("STOPPING=1");
+  stopping.store(true);
   watcher.Stop();
   proxy.Shutdown(std::chrono::seconds(grace_s));
+  if (ops) ops->Stop();
   spdlog::info("stopped");
   return 0;
 }

@@ -3,7 +3,9 @@
 
 #include <spdlog/spdlog.h>
 
+#include <atomic>
 #include <csignal>
+#include <memory>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -12,8 +14,11 @@
 
 #include "cli_args.h"
 #include "config_store.h"
+#include "logging.h"
+#include "ops_server.h"
 #include "sd_notify.h"
 #include "signals.h"
+#include "webhook_metrics.h"
 #include "webhook_server.h"
 
 namespace registry_proxy {
@@ -22,7 +27,8 @@ namespace {
 constexpr char kWebhookHelp[] =
     R"(Usage: registry-proxy webhook --tls-cert FILE --tls-key FILE [--config FILE]
                               [--listen [HOST]:PORT] [--threads N] [--shutdown-delay SECONDS]
-                              [--log-level LEVEL]
+                              [--metrics-address HOST:PORT] [--log-level LEVEL]
+                              [--log-format text|json]
 
 The annotating admission webhook. Serves HTTPS (TLS 1.2+): POST /mutate takes an
 admission.k8s.io/v1 AdmissionReview for a Pod and answers with a JSON Patch that adds the
@@ -41,7 +47,12 @@ GET /healthz and GET /readyz (ready once a good config is loaded) are for probes
       --threads N       connection workers (default 32; an open keep-alive connection holds one)
       --shutdown-delay S  on SIGTERM, answer /readyz 503 and keep serving S seconds before
                         stopping, so endpoints drop this replica first (default 0)
+      --metrics-address HOST:PORT
+                        plain HTTP GET /metrics (Prometheus), /healthz, /readyz (default
+                        127.0.0.1:9465; "" turns it off). In a pod, use 0.0.0.0:9465 so
+                        Prometheus (and, if wanted, kubelet's probes) can reach it
       --log-level L     trace, debug (one line per review), info (default), warn, error
+      --log-format F    text (default) or json (one JSON object per line)
 )";
 
 constexpr char kDefaultConfigPath[] = "/etc/registry-proxy/config.yaml";
@@ -76,7 +87,9 @@ int CmdWebhook(const std::vector<std::string>& argv, std::ostream& out, std::ost
                          {"--listen", ""},
                          {"--threads", ""},
                          {"--shutdown-delay", ""},
+                         {"--metrics-address", ""},
                          {"--log-level", ""},
+                         {"--log-format", ""},
                          {"--help", "-h", false}},
                         err);
   if (!args) return err << kWebhookHelp, 2;
@@ -107,13 +120,16 @@ int CmdWebhook(const std::vector<std::string>& argv, std::ostream& out, std::ost
     }
     shutdown_delay_s = static_cast<int>(v);
   }
-  if (auto l = args->Get("--log-level")) {
-    auto level = spdlog::level::from_str(*l);
-    if (level == spdlog::level::off && *l != "off") {
-      return err << "--log-level: unknown level '" << *l << "'\n", 2;
+  OpsServerOptions ops_options;
+  const std::string metrics_address = args->Get("--metrics-address").value_or("127.0.0.1:9465");
+  if (!metrics_address.empty()) {
+    if (Status s = ParseHostPort(metrics_address, &ops_options.host, &ops_options.port); !s.ok()) {
+      return err << "--metrics-address " << s.message() << "\n", 2;
     }
-    spdlog::set_level(level);
   }
+  LogOptions log_options;
+  if (auto e = ParseLogFlags(*args, &log_options)) return err << *e << "\n", 2;
+  SetUpLogging(log_options);
 
   // 1. Signals are blocked before any thread exists, so only the main thread sees them.
   SignalWaiter signals({SIGHUP, SIGINT, SIGTERM});
@@ -127,6 +143,11 @@ int CmdWebhook(const std::vector<std::string>& argv, std::ostream& out, std::ost
   }
 
   // 3. Serve. Without a usable certificate there is nothing to serve: exit so it shows.
+  metrics::Registry registry;  // see webhook_metrics.h and ops_server.h
+  WebhookMetrics webhook_metrics(&registry);
+  opts.on_review = [&webhook_metrics](int status, bool patched, std::chrono::nanoseconds d) {
+    webhook_metrics.OnReview(status, patched, d);
+  };
   WebhookServer server(&store, opts);
   if (Status s = server.Start(); !s.ok()) {
     spdlog::critical("webhook cannot serve: {}", s.message());
@@ -137,6 +158,30 @@ int CmdWebhook(const std::vector<std::string>& argv, std::ostream& out, std::ost
   ConfigWatcher watcher(&store, {});
   if (Status s = watcher.Start(); !s.ok()) {
     spdlog::warn("config changes will not be seen until SIGHUP: {}", s.message());
+  }
+  // Metrics and probes: never a reason not to serve reviews (a taken port is logged).
+  AddBuildInfo(&registry);
+  AddProcessMetrics(&registry);
+  AddConfigMetrics(&registry, &store);
+  webhook_metrics.WatchCertificates(&server);
+  std::atomic<bool> stopping{false};
+  std::unique_ptr<OpsServer> ops;
+  if (!metrics_address.empty()) {
+    ops = std::make_unique<OpsServer>(ops_options, &registry, [&]() -> Readiness {
+      if (stopping.load()) return {false, "shutting down"};
+      if (!store.HasGoodConfig()) {
+        return {false,
+                "no good config loaded from " + store.path() + ": " + store.Stats().last_error};
+      }
+      return {true, ""};  // and serving TLS: the server started, or we would have exited
+    });
+    if (Status s = ops->Start(); !s.ok()) {
+      spdlog::error("no metrics endpoint: {}", s.message());
+      ops.reset();
+    } else {
+      spdlog::info("metrics and probes on http://{}:{} (/metrics, /healthz, /readyz)",
+                   ops_options.host, ops->port());
+    }
   }
   spdlog::info("registry-proxy webhook serving https://{}:{} (config {}, {})",
                opts.host.empty() ? "*" : opts.host, server.port(), store.path(),
@@ -155,8 +200,10 @@ int CmdWebhook(const std::vector<std::string>& argv, std::ostream& out, std::ost
 
   // 6. Teardown, in reverse.
   SdNotify("STOPPING=1");
+  stopping.store(true);
   server.BeginDrain();
   if (shutdown_delay_s) std::this_thread::sleep_for(std::chrono::seconds(shutdown_delay_s));
+  if (ops) ops->Stop();  // its scrape hooks read the server
   server.Stop();
   watcher.Stop();
   spdlog::info("stopped");

@@ -17,6 +17,8 @@
 #include <utility>
 #include <vector>
 
+#include "webhook_pool.h"
+
 namespace registry_proxy {
 namespace {
 
@@ -127,6 +129,9 @@ int CertCallback(SSL* ssl, void* arg) {
 // fails the handshake without an alert. Tell the client in its own protocol, as Go and nginx
 // do, instead of closing silently. Runs inside SSL_accept, on the connection's worker.
 void InfoCallback(const SSL* ssl, int where, int ret) {
+  // The first call of a handshake comes before any byte is read: the worker now knows its
+  // connection, and can lose it to a waiting one if it never sends a request (webhook_pool.h).
+  ConnectionWorkerPool::NoteSocket(SSL_get_fd(ssl));
   if (!(where & SSL_CB_ACCEPT_EXIT) || ret > 0) return;
   const unsigned long e = ERR_peek_error();
   if (ERR_GET_LIB(e) != ERR_LIB_SSL || ERR_GET_REASON(e) != SSL_R_HTTP_REQUEST) return;
@@ -205,6 +210,7 @@ Status CertificateHolder::Reload() {
   last_ids_ = {Identify(cert_file_), Identify(key_file_)};
   auto pair = ReadPair(cert_file_, key_file_);
   if (!pair.ok()) {
+    load_failures_.fetch_add(1);
     spdlog::error("TLS: serving certificate NOT (re)loaded, {}: {}",
                   Current() ? "keeping the previous one" : "none in force", pair.error());
     return pair.status();
@@ -262,6 +268,16 @@ struct WebhookServer::Impl {
 
 void WebhookServer::Impl::Handle(const httplib::Request& req, httplib::Response& res) {
   const auto start = std::chrono::steady_clock::now();
+  bool patched = false;
+  struct Report {  // every way out of here is one review answered
+    const WebhookServerOptions& o;
+    const httplib::Response& res;
+    const bool& patched;
+    const std::chrono::steady_clock::time_point start;
+    ~Report() {
+      if (o.on_review) o.on_review(res.status, patched, std::chrono::steady_clock::now() - start);
+    }
+  } report{options, res, patched, start};
   if (!IsJsonContentType(req.get_header_value("Content-Type"))) {
     Text(res, 415,
          "Content-Type must be application/json, got '" + req.get_header_value("Content-Type") +
@@ -274,6 +290,7 @@ void WebhookServer::Impl::Handle(const httplib::Request& req, httplib::Response&
   AdmissionOutcome o = Admit(req.body, *config, options.limits);
   res.status = o.http_status;
   res.set_content(std::move(o.body), o.content_type);
+  patched = o.patched;
   if (o.http_status != 200) {
     spdlog::warn("POST /mutate from {}: {} {}", req.remote_addr, o.http_status, o.message);
     return;
@@ -296,10 +313,21 @@ void WebhookServer::Impl::Routes() {
       res.set_header("Connection", "close");
       return httplib::Server::HandlerResponse::Handled;
     }
+    // cpp-httplib 0.11 checks the body limit only against Content-Length: a chunked body is
+    // read whole first (64 MiB measured). The API server always sends a Content-Length.
+    const std::string te = req.get_header_value("Transfer-Encoding");
+    if (!te.empty() && te != "identity") {
+      Text(res, 411,
+           "Transfer-Encoding '" + te + "' is not accepted; send the body with a Content-Length");
+      res.set_header("Connection", "close");
+      return httplib::Server::HandlerResponse::Handled;
+    }
     return httplib::Server::HandlerResponse::Unhandled;
   });
-  s.Post("/mutate",
-         [this](const httplib::Request& req, httplib::Response& res) { Handle(req, res); });
+  s.Post("/mutate", [this](const httplib::Request& req, httplib::Response& res) {
+    ConnectionWorkerPool::RequestStarted();  // complete: never evicted while it is answered
+    Handle(req, res);
+  });
   s.Get("/healthz", [](const httplib::Request&, httplib::Response& res) { Text(res, 200, "ok"); });
   s.Get("/readyz", [this](const httplib::Request&, httplib::Response& res) {
     if (draining.load()) return Text(res, 503, "shutting down");
@@ -348,7 +376,15 @@ Status WebhookServer::Start() {
   });
   if (!m.server->is_valid()) return Status::Error("TLS setup failed: " + OpenSslErrors());
   const int threads = std::max(1, m.options.threads);
-  m.server->new_task_queue = [threads] { return new httplib::ThreadPool(size_t(threads)); };
+  // Newest connection first, and slow or idle ones evicted while others wait (slowloris).
+  m.server->new_task_queue = [threads] {
+    return new ConnectionWorkerPool({.threads = size_t(threads)});
+  };
+  // Called once a response is written: the connection now waits for its next request. The
+  // pool relies on it: chain to it rather than replace it.
+  m.server->set_logger([](const httplib::Request&, const httplib::Response&) {
+    ConnectionWorkerPool::RequestDone();
+  });
   m.server->set_read_timeout(m.options.read_timeout);
   m.server->set_write_timeout(m.options.write_timeout);
   m.server->set_keep_alive_timeout(m.options.keep_alive_timeout.count());
@@ -386,6 +422,10 @@ Status WebhookServer::Start() {
 int WebhookServer::port() const { return impl_->port; }
 
 Status WebhookServer::ReloadCertificate() { return impl_->certs.Reload(); }
+
+uint64_t WebhookServer::certificate_loads() const { return impl_->certs.loads(); }
+
+uint64_t WebhookServer::certificate_load_failures() const { return impl_->certs.load_failures(); }
 
 void WebhookServer::BeginDrain() { impl_->draining.store(true); }
 

@@ -23,6 +23,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -64,6 +65,7 @@ class CertificateHolder {
   // Null until a pair was loaded.
   std::shared_ptr<const Pair> Current() const;
   uint64_t loads() const { return loads_.load(); }
+  uint64_t load_failures() const { return load_failures_.load(); }
 
  private:
   // Which file a path names now, and its version (a rotation replaces the file or rewrites it).
@@ -83,6 +85,7 @@ class CertificateHolder {
   std::pair<FileId, FileId> last_ids_;  // the files as of the last attempt
   std::atomic<int64_t> next_check_ns_{0};
   std::atomic<uint64_t> loads_{0};
+  std::atomic<uint64_t> load_failures_{0};
   mutable std::mutex mu_;  // guards current_
   std::shared_ptr<const Pair> current_;
 };
@@ -99,6 +102,9 @@ struct WebhookServerOptions {
   size_t keep_alive_max_requests = 1000;  // then the connection is closed (clients rebalance)
   std::chrono::milliseconds cert_check_interval{1000};
   AdmissionLimits limits;
+  // Told about every answer to POST /mutate (metrics): HTTP status, whether it carries a patch,
+  // time taken. Runs on the connection's worker; must be cheap. May be empty.
+  std::function<void(int http_status, bool patched, std::chrono::nanoseconds)> on_review;
 };
 
 class WebhookServer {
@@ -114,6 +120,9 @@ class WebhookServer {
   int port() const;
   // Re-reads the certificate files now (SIGHUP).
   Status ReloadCertificate();
+  // Certificate loads that succeeded / failed so far (the one at Start() included).
+  uint64_t certificate_loads() const;
+  uint64_t certificate_load_failures() const;
   // /readyz answers 503 from now on, so endpoints drop this replica before it stops.
   void BeginDrain();
   // Stops accepting, lets the workers finish, joins. Idempotent.

@@ -83,10 +83,14 @@ std::string ShimTest::MirrorConfig(std::vector<std::string> mirrors, const std::
 void ShimTest::StartDaemon(const std::string& config_yaml) {
   WriteConfig(config_yaml);
   socket_ = dir_ + "/rp.sock";
-  Status s = daemon_.Spawn(
-      {RP_BINARY, "serve", "--config", dir_ + "/config.yaml", "--listen", "unix://" + socket_,
-       "--upstream", bed->ctrd->endpoint(), "--log-level", "debug", "--grace", "2"},
-      dir_ + "/daemon.log");
+  std::vector<std::string> argv = {RP_BINARY,     "serve",
+                                   "--config",    dir_ + "/config.yaml",
+                                   "--listen",    "unix://" + socket_,
+                                   "--upstream",  bed->ctrd->endpoint(),
+                                   "--log-level", "debug",
+                                   "--grace",     "2"};
+  argv.insert(argv.end(), daemon_args_.begin(), daemon_args_.end());  // later flags win
+  Status s = daemon_.Spawn(argv, dir_ + "/daemon.log");
   ASSERT_TRUE(s.ok()) << s.message();
   // Connect once the socket exists: a channel that found no socket backs off before retrying.
   ASSERT_TRUE(WaitFor([&] { return fs::exists(socket_); }, 15s, 10ms))

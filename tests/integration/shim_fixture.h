@@ -63,6 +63,8 @@ class ShimTest : public ::testing::Test {
 
   std::string DaemonLog() { return TailFile(dir_ + "/daemon.log", 200); }
 
+  // More `serve` flags for StartDaemon, after the fixture's own (so they win).
+  std::vector<std::string> daemon_args_;
   std::string dir_, socket_, digest_, daemon_log_tail_;
   Process daemon_;
   std::unique_ptr<registry_proxy::CriClient> client_;

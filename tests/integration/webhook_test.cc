@@ -547,4 +547,70 @@ TEST_F(WebhookTest, RefusesToStartWithoutAUsableCertificate) {
   EXPECT_THAT(Log(), HasSubstr("does not match"));
 }
 
+// The ops endpoint (--metrics-address): plain HTTP /healthz, /readyz and /metrics counting
+// reviews, certificate loads and config reloads.
+TEST_F(WebhookTest, OpsEndpointServesMetricsAndProbes) {
+  auto port = rp_testbed::PickFreePort();
+  ASSERT_TRUE(port.ok());
+  Start({"--metrics-address", "127.0.0.1:" + std::to_string(*port), "--log-format", "json"});
+  const std::string ops = "http://127.0.0.1:" + std::to_string(*port);
+  ASSERT_TRUE(
+      WaitFor([&] { return Log().find("metrics and probes on") != std::string::npos; }, 10s))
+      << Log();
+  Reply h = Curl({ops + "/healthz"});
+  EXPECT_EQ(h.status, 200) << h.trace;
+  EXPECT_EQ(h.body, "ok\n");
+  EXPECT_EQ(Curl({ops + "/readyz"}).status, 200);
+
+  ASSERT_EQ(Post(kData + "pod_create_no_annotations.json").status, 200);
+  ASSERT_EQ(Post(kData + "pod_create_kube_system.json").status, 200);
+  ASSERT_EQ(Post(kData + "pod_create_no_annotations.json", "text/plain").status, 415);
+  Reply m = Curl({ops + "/metrics"});
+  ASSERT_EQ(m.status, 200) << m.trace;
+  EXPECT_THAT(m.trace, HasSubstr("text/plain; version=0.0.4"));
+  EXPECT_THAT(m.body, HasSubstr("registry_proxy_webhook_reviews_total{result=\"patched\"} 1\n"));
+  EXPECT_THAT(m.body, HasSubstr("registry_proxy_webhook_reviews_total{result=\"unpatched\"} 1\n"));
+  EXPECT_THAT(m.body, HasSubstr("registry_proxy_webhook_reviews_total{result=\"rejected\"} 1\n"));
+  EXPECT_THAT(m.body, HasSubstr("registry_proxy_webhook_review_duration_seconds_count 3\n"));
+  EXPECT_THAT(
+      m.body,
+      HasSubstr("registry_proxy_webhook_certificate_reloads_total{result=\"success\"} 1\n"));
+  EXPECT_THAT(m.body, HasSubstr("registry_proxy_config_reloads_total{result=\"applied\"} 1\n"));
+  EXPECT_THAT(m.body, HasSubstr("registry_proxy_config_generation 1\n"));
+  EXPECT_THAT(m.body,
+              ::testing::ContainsRegex("registry_proxy_build_info\\{version=\"[^\"]+\"\\} 1"));
+
+  // Logs are JSON lines.
+  std::istringstream lines(Log());
+  for (std::string line; std::getline(lines, line);) {
+    EXPECT_TRUE(json::accept(line)) << "not JSON: " << line;
+  }
+
+  // SIGTERM: not ready any more while it drains.
+  kill(webhook_.pid(), SIGTERM);
+  auto status = webhook_.Wait(10s);
+  ASSERT_TRUE(status.has_value()) << Log();
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << webhook_.ExitDescription();
+}
+
+TEST_F(WebhookTest, OpsEndpointCanBeTurnedOff) {
+  Start({"--metrics-address", ""});
+  EXPECT_EQ(Get("/healthz").status, 200);
+  EXPECT_THAT(Log(), ::testing::Not(HasSubstr("metrics and probes on")));
+}
+
+TEST_F(WebhookTest, BadMetricsAddressIsAUsageError) {
+  log_ = (work_ / "webhook.log").string();
+  ASSERT_TRUE(webhook_
+                  .Spawn({RP_BINARY, "webhook", "--listen", "127.0.0.1:0", "--tls-cert",
+                          (work_ / "tls" / "tls.crt").string(), "--tls-key",
+                          (work_ / "tls" / "tls.key").string(), "--metrics-address", "9465"},
+                         log_)
+                  .ok());
+  auto status = webhook_.Wait(10s);
+  ASSERT_TRUE(status.has_value());
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 2) << webhook_.ExitDescription();
+  EXPECT_THAT(Log(), HasSubstr("--metrics-address '9465': want HOST:PORT"));
+}
+
 }  // namespace

@@ -680,6 +680,65 @@ TEST(ConfigErrors, BadNodeSettings) {
                         "node.containerdNamespace", "is invalid"));
 }
 
+TEST(ConfigNode, FailoverSettingsDefaultsAndDurations) {
+  ConfigLoad def = Parse("enabled: true\n");
+  ASSERT_TRUE(def.ok()) << def.ErrorText();
+  const NodeSettings& d = def.config->node;
+  EXPECT_TRUE(d.mirror_probe);
+  EXPECT_EQ(d.mirror_probe_timeout, std::chrono::milliseconds(2000));
+  EXPECT_EQ(d.mirror_cooldown, std::chrono::milliseconds(30000));
+  EXPECT_EQ(d.containerd_hosts_dir, "/etc/containerd/certs.d");
+  EXPECT_EQ(d.pull_attempt_timeout, std::chrono::milliseconds(0));
+  EXPECT_EQ(d.pull_timeout, std::chrono::milliseconds(0));
+
+  ConfigLoad load = Parse(R"(node:
+  mirrorProbe: false
+  mirrorProbeTimeout: 500ms
+  mirrorCooldown: 1m30s
+  containerdHostsDir: /run/containerd/certs.d
+  pullAttemptTimeout: 5m
+  pullTimeout: "1h"
+)");
+  ASSERT_TRUE(load.ok()) << load.ErrorText();
+  const NodeSettings& n = load.config->node;
+  EXPECT_FALSE(n.mirror_probe);
+  EXPECT_EQ(n.mirror_probe_timeout, std::chrono::milliseconds(500));
+  EXPECT_EQ(n.mirror_cooldown, std::chrono::milliseconds(90000));
+  EXPECT_EQ(n.containerd_hosts_dir, "/run/containerd/certs.d");
+  EXPECT_EQ(n.pull_attempt_timeout, std::chrono::minutes(5));
+  EXPECT_EQ(n.pull_timeout, std::chrono::hours(1));
+  ConfigLoad zero =
+      Parse("node:\n  mirrorCooldown: 0\n  pullTimeout: \"0\"\n  containerdHostsDir: \"\"\n");
+  ASSERT_TRUE(zero.ok()) << zero.ErrorText();
+  EXPECT_EQ(zero.config->node.mirror_cooldown, std::chrono::milliseconds(0));
+  EXPECT_EQ(zero.config->node.containerd_hosts_dir, "");
+}
+
+TEST(ConfigErrors, BadFailoverSettings) {
+  ConfigLoad load = Parse(R"(node:
+  mirrorProbe: "yes"
+  mirrorProbeTimeout: 0
+  mirrorCooldown: 30
+  pullAttemptTimeout: 5 min
+  pullTimeout: 25h
+  containerdHostsDir: certs.d
+)");
+  EXPECT_TRUE(HasError(load, 2, 16, "node.mirrorProbe", "without quotes"));
+  EXPECT_TRUE(HasError(load, 3, 23, "node.mirrorProbeTimeout", "turn probing off with"));
+  EXPECT_TRUE(HasError(load, 4, 19, "node.mirrorCooldown", "duration '30' has no unit"));
+  EXPECT_TRUE(HasError(load, 5, 23, "node.pullAttemptTimeout", "unknown unit"));
+  EXPECT_TRUE(HasError(load, 6, 16, "node.pullTimeout", "too long (at most 24h)"));
+  EXPECT_TRUE(HasError(load, 7, 23, "node.containerdHostsDir", "must be an absolute path"));
+  EXPECT_EQ(load.errors.size(), 6u) << load.ErrorText();
+  for (const char* bad : {"\"\"", "s", "-1s", "1.5s", "2S", "10us", "1s2", "99999999999h"}) {
+    EXPECT_TRUE(HasError(Parse(std::string("node:\n  pullTimeout: ") + bad + "\n"), 2, 16,
+                         "node.pullTimeout", "duration"))
+        << bad;
+  }
+  EXPECT_TRUE(HasError(Parse("node: {mirrorProbeTimout: 1s}\n"), 1, 8, "node.mirrorProbeTimout",
+                       "did you mean 'mirrorProbeTimeout'"));
+}
+
 TEST(ConfigErrors, ListenEqualsUpstream) {
   EXPECT_TRUE(OnlyError(Parse("node:\n  listen: /run/x.sock\n  upstream: unix:///run/x.sock\n"), 2,
                         11, "node.listen", "listen and upstream are the same socket"));

@@ -205,6 +205,7 @@ class FakeInterceptor : public ImageInterceptor {
     return {grpc::Status::OK, "pulled:" + request};
   }
   bool StatusNeedsRecovery(CriVersion, const std::string&, const std::string& response) override {
+    status_checks++;
     return response == "miss";
   }
   InterceptResult RecoverStatus(CriVersion, const std::string& request, const std::string&,
@@ -213,7 +214,7 @@ class FakeInterceptor : public ImageInterceptor {
     return {grpc::Status::OK, "recovered:" + request};
   }
 
-  std::atomic<int> pulls{0}, recovered{0}, pull_saw_cancel{0};
+  std::atomic<int> pulls{0}, recovered{0}, pull_saw_cancel{0}, status_checks{0};
   std::atomic<bool> block_pulls{false};
   CriVersion Version() {
     std::lock_guard<std::mutex> lock(mu);
@@ -448,6 +449,27 @@ TEST_F(ProxyTest, StatusMissIsRecoveredHitPassesThrough) {
   Reply hit = Unary("/runtime.v1.ImageService/ImageStatus", "hit");
   EXPECT_EQ(hit.body, "hit");
   EXPECT_EQ(icpt.recovered.load(), 1);
+}
+
+TEST_F(ProxyTest, StatusWithAnImageIsAHitTheInterceptorIsNotAsked) {
+  StartProxy(&icpt_);
+  // ImageStatusResponse{image: {id: "abc"}}: field 1 present, a hit. The proxy sees that on
+  // the wire and forwards it without copying and parsing it for the interceptor.
+  const std::string hit("\x0a\x05\x0a\x03\x61\x62\x63", 7);  // "abc"
+  Reply r = Unary("/runtime.v1.ImageService/ImageStatus", hit);
+  ASSERT_TRUE(r.status.ok());
+  EXPECT_EQ(r.body, hit);
+  EXPECT_EQ(icpt_.status_checks.load(), 0);
+  // ImageStatusResponse{info: {"": ""}}: no image, a miss: the interceptor decides.
+  const std::string miss("\x12\x04\x0a\x00\x12\x00", 6);
+  r = Unary("/runtime.v1.ImageService/ImageStatus", miss);
+  EXPECT_EQ(r.body, miss);
+  EXPECT_EQ(icpt_.status_checks.load(), 1);
+  // Not protobuf at all: the interceptor decides too (it would not recover it).
+  r = Unary("/runtime.v1.ImageService/ImageStatus", "hit");
+  EXPECT_EQ(r.body, "hit");
+  EXPECT_EQ(icpt_.status_checks.load(), 2);
+  EXPECT_EQ(icpt_.recovered.load(), 0);
 }
 
 TEST_F(ProxyTest, WithoutInterceptorPullIsForwarded) {

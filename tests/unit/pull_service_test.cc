@@ -20,6 +20,8 @@
 
 #include "config.h"
 #include "credentials.h"
+#include "mirror_health.h"
+#include "pull_observer.h"
 #include "reference.h"
 
 namespace registry_proxy {
@@ -928,6 +930,333 @@ TEST_F(PullServiceTest, RecoverStatusWhenCriNeverSeesTheAliasAnswersTheMiss) {
   ASSERT_TRUE(r.status.ok());
   EXPECT_EQ(r.response, miss);
   EXPECT_TRUE(fake_.HasRecord("docker.io/library/nginx:latest"));  // aliased all the same
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failover: mirror health (fake), deadlines, and what the observer is told
+
+// Records every observer call as a line, in order.
+class RecordingObserver final : public PullObserver {
+ public:
+  void OnPull(const PullReport& r) override {
+    Add("pull outcome=" + std::string(PullOutcomeName(r.outcome)) + " rule=" + std::string(r.rule) +
+        " mirror=" + std::string(r.mirror) + " code=" + std::to_string(r.code) +
+        " attempts=" + std::to_string(r.attempts));
+  }
+  void OnAttempt(std::string_view rule, std::string_view target, grpc::StatusCode code,
+                 std::chrono::nanoseconds) override {
+    Add("attempt rule=" + std::string(rule) + " target=" + std::string(target) +
+        " code=" + std::to_string(code));
+  }
+  void OnMirrorSkipped(std::string_view mirror, SkipReason reason) override {
+    Add("skipped " + std::string(mirror) + " " + std::string(SkipReasonName(reason)));
+  }
+  void OnProbe(std::string_view mirror, bool alive, std::chrono::nanoseconds) override {
+    Add("probe " + std::string(mirror) + (alive ? " alive" : " dead"));
+  }
+  void OnBreaker(std::string_view mirror, bool open) override {
+    Add("breaker " + std::string(mirror) + (open ? " open" : " closed"));
+  }
+  std::vector<std::string> calls() {
+    std::lock_guard l(mu_);
+    return calls_;
+  }
+
+ private:
+  void Add(std::string s) {
+    std::lock_guard l(mu_);
+    calls_.push_back(std::move(s));
+  }
+  std::mutex mu_;
+  std::vector<std::string> calls_;
+};
+
+// Answers Check from a script per host and records Check/Report calls.
+class FakeHealth final : public MirrorHealth {
+ public:
+  std::map<std::string, HealthVerdict> verdicts;  // host -> answer (default: try)
+  std::vector<std::string> checks, reports;
+  HealthSettings last_settings;
+  CallOptions last_opts;
+  std::function<void()> during_check;
+  int report_answer = 0;
+
+  HealthVerdict Check(const std::string& host, const HealthSettings& s,
+                      const CallOptions& opts) override {
+    checks.push_back(host);
+    last_settings = s;
+    last_opts = opts;
+    if (during_check) during_check();
+    auto it = verdicts.find(host);
+    return it == verdicts.end() ? HealthVerdict{} : it->second;
+  }
+  int Report(const std::string& host, bool ok, bool down, const HealthSettings&) override {
+    reports.push_back(host + (ok ? " ok" : down ? " down" : " failed"));
+    return report_answer;
+  }
+};
+
+HealthVerdict DeadProbe() {
+  HealthVerdict v;
+  v.action = HealthVerdict::Action::kDead;
+  v.probed = v.ran_probe = true;
+  v.probe = ProbeResult{false, 0, "connect: connection refused"};
+  v.target = "https://m1.example/v2/";
+  v.breaker_opened = true;
+  return v;
+}
+
+class FailoverTest : public PullServiceTest {
+ protected:
+  PullService& Failover() {
+    if (!failover_) {
+      PullServiceOptions o;
+      o.alias_wait = milliseconds(50);
+      o.health = &health_;
+      o.observer = &observer_;
+      failover_ = std::make_unique<PullService>(
+          [this] {
+            std::lock_guard l(config_mu_);
+            return config_;
+          },
+          &fake_, &fake_, std::move(o));
+    }
+    return *failover_;
+  }
+  InterceptResult FPull(const runtime::v1::PullImageRequest& req, CallOptions opts = {}) {
+    return Failover().PullImage(CriVersion::kV1, req.SerializeAsString(), opts);
+  }
+  FakeHealth health_;
+  RecordingObserver observer_;
+  std::unique_ptr<PullService> failover_;
+};
+
+TEST_F(FailoverTest, MirrorServesHealthAskedAndToldObserverSeesOnePull) {
+  fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
+  InterceptResult r = FPull(Request("nginx", "default"));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(health_.checks, std::vector<std::string>{"m1.example"});
+  EXPECT_EQ(health_.reports, std::vector<std::string>{"m1.example ok"});
+  // Node settings reach the checker: the defaults here.
+  EXPECT_TRUE(health_.last_settings.probe);
+  EXPECT_EQ(health_.last_settings.probe_timeout, milliseconds(2000));
+  EXPECT_EQ(health_.last_settings.cooldown, milliseconds(30000));
+  EXPECT_EQ(health_.last_settings.hosts_dir, "/etc/containerd/certs.d");
+  EXPECT_EQ(observer_.calls(),
+            (std::vector<std::string>{
+                "attempt rule=docker.io/library target=m1.example code=0",
+                "pull outcome=mirror rule=docker.io/library mirror=m1.example code=0 attempts=1"}));
+}
+
+TEST_F(FailoverTest, DeadMirrorIsSkippedWithoutAnAttemptAndTheNextServes) {
+  LogCapture log;
+  health_.verdicts["m1.example"] = DeadProbe();
+  fake_.Serve("m2.example/library/nginx:latest", kDigest, kId);
+  InterceptResult r = FPull(Request("nginx", "default"));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(fake_.pulled_images(), std::vector<std::string>{"m2.example/library/nginx:latest"});
+  EXPECT_EQ(health_.reports, std::vector<std::string>{"m2.example ok"});
+  EXPECT_EQ(
+      observer_.calls(),
+      (std::vector<std::string>{
+          "probe m1.example dead", "breaker m1.example open", "skipped m1.example probe_failed",
+          "attempt rule=docker.io/library target=m2.example code=0",
+          "pull outcome=mirror rule=docker.io/library mirror=m2.example code=0 attempts=1"}));
+  const std::string text = log.text();
+  EXPECT_NE(text.find("mirror m1.example: probe https://m1.example/v2/ DEAD in 0ms: connect: "
+                      "connection refused"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("mirror m1.example: circuit breaker open for 30000ms: probe failed"),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("attempt 1/3 m1.example/library/nginx:latest (mirror) namespace=default "
+                      "rule=rules[0] (test.yaml:5): skipped: probe https://m1.example/v2/ failed: "
+                      "connect: connection refused"),
+            std::string::npos)
+      << text;
+}
+
+TEST_F(FailoverTest, OpenBreakersFallBackToUpstreamWithoutProbing) {
+  HealthVerdict cool;
+  cool.action = HealthVerdict::Action::kCooldown;
+  cool.cooldown_left = milliseconds(12000);
+  health_.verdicts["m1.example"] = cool;
+  health_.verdicts["m2.example"] = cool;
+  fake_.Serve("docker.io/library/nginx:latest", kDigest, kId);
+  LogCapture log;
+  InterceptResult r = FPull(Request("nginx", "default"));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  ASSERT_EQ(fake_.pulls().size(), 1u);
+  EXPECT_TRUE(fake_.pulls()[0].raw);     // the caller's bytes, to upstream
+  EXPECT_TRUE(health_.reports.empty());  // upstream has no breaker
+  EXPECT_EQ(observer_.calls(),
+            (std::vector<std::string>{
+                "skipped m1.example cooldown", "skipped m2.example cooldown",
+                "attempt rule=docker.io/library target=upstream code=0",
+                "pull outcome=fallback rule=docker.io/library mirror= code=0 attempts=1"}));
+  EXPECT_NE(log.text().find("skipped: circuit breaker open (12000ms of cooldown left)"),
+            std::string::npos)
+      << log.text();
+}
+
+TEST_F(FailoverTest, OnlyASkippedMirrorAndNoFallbackSaysWhy) {
+  SetConfig("rules:\n  - match: quay.io\n    mirrors: [q2.example]\n    fallback: false\n");
+  health_.verdicts["q2.example"] = DeadProbe();
+  InterceptResult r = FPull(Request("quay.io/a/b:1", "default"));
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(r.status.error_message(),
+            "registry-proxy: mirror q2.example skipped: probe https://m1.example/v2/ failed: "
+            "connect: connection refused");
+  EXPECT_TRUE(fake_.pulls().empty());
+  EXPECT_EQ(observer_.calls().back(),
+            "pull outcome=failed rule=quay.io mirror= code=14 attempts=0");
+}
+
+TEST_F(FailoverTest, AttemptErrorsAreReportedDownOnlyWhenTheyMeanTheMirrorIsDown) {
+  const std::string refused =
+      "failed to pull and unpack image \"m1.example/library/nginx:latest\": failed to resolve "
+      "reference: failed to do request: dial tcp 10.0.0.1:443: connect: connection refused";
+  fake_.Fail("m1.example/library/nginx:latest", grpc::Status(grpc::StatusCode::UNKNOWN, refused));
+  // m2 lacks the image (NOT_FOUND); upstream is down too: the last error comes back unchanged.
+  fake_.Fail("docker.io/library/nginx:latest",
+             grpc::Status(grpc::StatusCode::UNKNOWN, "upstream: connection refused"));
+  health_.report_answer = 1;
+  InterceptResult r = FPull(Request("nginx", "default"));
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNKNOWN);
+  EXPECT_EQ(r.status.error_message(), "upstream: connection refused");
+  EXPECT_EQ(health_.reports, (std::vector<std::string>{"m1.example down", "m2.example failed"}));
+  EXPECT_EQ(
+      observer_.calls(),
+      (std::vector<std::string>{
+          "attempt rule=docker.io/library target=m1.example code=2", "breaker m1.example open",
+          "attempt rule=docker.io/library target=m2.example code=5",
+          "breaker m2.example open",  // (the fake says every report opened it)
+          "attempt rule=docker.io/library target=upstream code=2",
+          "pull outcome=failed rule=docker.io/library mirror= code=2 attempts=3"}));
+}
+
+TEST_F(FailoverTest, AttemptTimeoutBoundsEachAttemptAndTheNextCandidateIsTried) {
+  SetConfig(std::string(kConfig) + "  pullAttemptTimeout: 5ms\n");
+  fake_.Serve("m2.example/library/nginx:latest", kDigest, kId);
+  // m1 hangs until its deadline, as a stalled mirror does.
+  fake_.on_pull = [](const FakeContainerd::PullCall& c) {
+    if (c.parsed.image().image().rfind("m1.example/", 0) == 0) {
+      std::this_thread::sleep_until(c.deadline + milliseconds(1));
+    }
+  };
+  fake_.Fail("m1.example/library/nginx:latest",
+             grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "Deadline Exceeded"));
+  LogCapture log;
+  const auto before = std::chrono::system_clock::now();
+  InterceptResult r = FPull(Request("nginx", "default"));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  const auto pulls = fake_.pulls();
+  ASSERT_EQ(pulls.size(), 2u);
+  for (const auto& p : pulls) {
+    EXPECT_NE(p.deadline, std::chrono::system_clock::time_point::max());
+    EXPECT_GE(p.deadline, before + milliseconds(5));
+  }
+  EXPECT_EQ(health_.reports, (std::vector<std::string>{"m1.example down", "m2.example ok"}));
+  EXPECT_NE(log.text().find("DEADLINE_EXCEEDED: Deadline Exceeded (node.pullAttemptTimeout 5ms "
+                            "hit)"),
+            std::string::npos)
+      << log.text();
+}
+
+TEST_F(FailoverTest, TheCallersShorterDeadlineWinsAndIsNotTheMirrorsFault) {
+  SetConfig(std::string(kConfig) + "  pullAttemptTimeout: 10m\n  pullTimeout: 20m\n");
+  const auto caller = std::chrono::system_clock::now() + milliseconds(3);
+  fake_.on_pull = [](const FakeContainerd::PullCall& c) {
+    std::this_thread::sleep_until(c.deadline + milliseconds(1));
+  };
+  fake_.Fail("m1.example/library/nginx:latest",
+             grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "Deadline Exceeded"));
+  CallOptions opts;
+  opts.deadline = caller;
+  InterceptResult r = FPull(Request("nginx", "default"), opts);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  ASSERT_EQ(fake_.pulls().size(), 1u);  // nothing after the caller's deadline
+  EXPECT_EQ(fake_.pulls()[0].deadline, caller);
+  EXPECT_EQ(health_.reports, std::vector<std::string>{"m1.example failed"});
+  EXPECT_EQ(
+      observer_.calls(),
+      (std::vector<std::string>{
+          "attempt rule=docker.io/library target=m1.example code=4", "skipped m2.example no_time",
+          "pull outcome=failed rule=docker.io/library mirror= code=4 attempts=1"}));
+}
+
+TEST_F(FailoverTest, PullTimeoutBoundsTheWholeCall) {
+  SetConfig(std::string(kConfig) + "  pullTimeout: 5ms\n");
+  fake_.on_pull = [](const FakeContainerd::PullCall& c) {
+    std::this_thread::sleep_until(c.deadline + milliseconds(1));
+  };
+  fake_.Fail("m1.example/library/nginx:latest",
+             grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "Deadline Exceeded"));
+  const auto before = std::chrono::system_clock::now();
+  LogCapture log;
+  InterceptResult r = FPull(Request("nginx", "default"));
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  ASSERT_EQ(fake_.pulls().size(), 1u);
+  EXPECT_LE(fake_.pulls()[0].deadline, before + milliseconds(5) + std::chrono::seconds(60));
+  EXPECT_NE(fake_.pulls()[0].deadline, std::chrono::system_clock::time_point::max());
+  EXPECT_NE(log.text().find("node.pullTimeout's deadline passed; 2 candidate(s) not tried"),
+            std::string::npos)
+      << log.text();
+  EXPECT_EQ(health_.reports, std::vector<std::string>{"m1.example down"});
+}
+
+TEST_F(FailoverTest, CancelledDuringAProbeStopsEverything) {
+  Cancellation cancel;
+  HealthVerdict v;
+  v.action = HealthVerdict::Action::kCancelled;
+  health_.verdicts["m1.example"] = v;
+  health_.during_check = [&] { cancel.Cancel(); };
+  CallOptions opts;
+  opts.cancellation = &cancel;
+  InterceptResult r = FPull(Request("nginx", "default"), opts);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(fake_.pulls().empty());
+  EXPECT_EQ(health_.checks.size(), 1u);
+  EXPECT_EQ(health_.last_opts.cancellation, &cancel);
+  EXPECT_EQ(observer_.calls(),
+            (std::vector<std::string>{
+                "pull outcome=cancelled rule=docker.io/library mirror= code=1 attempts=0"}));
+}
+
+TEST_F(FailoverTest, CancelledDuringAnAttemptIsNotTheMirrorsFault) {
+  Cancellation cancel;
+  fake_.on_pull = [&](const FakeContainerd::PullCall&) { cancel.Cancel(); };
+  CallOptions opts;
+  opts.cancellation = &cancel;
+  InterceptResult r = FPull(Request("nginx", "default"), opts);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_EQ(fake_.pulls().size(), 1u);
+  EXPECT_TRUE(health_.reports.empty());
+  EXPECT_EQ(observer_.calls().back(),
+            "pull outcome=cancelled rule=docker.io/library mirror= code=1 attempts=1");
+}
+
+TEST_F(FailoverTest, PassthroughIsOneAttemptUpstream) {
+  fake_.Serve("docker.io/library/nginx:latest", kDigest, kId);
+  InterceptResult r = FPull(Request("nginx", "kube-system"));
+  ASSERT_TRUE(r.status.ok());
+  EXPECT_TRUE(health_.checks.empty());
+  EXPECT_EQ(observer_.calls(),
+            (std::vector<std::string>{"attempt rule= target=upstream code=0",
+                                      "pull outcome=passthrough rule= mirror= code=0 attempts=1"}));
+}
+
+TEST_F(FailoverTest, SettingsComeFromTheConfigInForce) {
+  SetConfig(std::string(kConfig) +
+            "  mirrorProbe: false\n  mirrorProbeTimeout: 500ms\n  mirrorCooldown: 1m\n"
+            "  containerdHostsDir: /run/ctrd/certs.d\n");
+  fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
+  ASSERT_TRUE(FPull(Request("nginx", "default")).status.ok());
+  EXPECT_FALSE(health_.last_settings.probe);
+  EXPECT_EQ(health_.last_settings.probe_timeout, milliseconds(500));
+  EXPECT_EQ(health_.last_settings.cooldown, milliseconds(60000));
+  EXPECT_EQ(health_.last_settings.hosts_dir, "/run/ctrd/certs.d");
 }
 
 }  // namespace

@@ -1,0 +1,188 @@
+// Mirror health: a cheap liveness probe and a circuit breaker per mirror, so that a dead or
+// black-holed mirror costs a pull at most one probe timeout instead of the caller's whole
+// deadline (kubelet sets none on PullImage).
+//
+// Probe: HTTP `GET /v2/` of what containerd will actually contact for the mirror host (see
+// ProbeTarget: containerd's hosts.toml in node.containerdHostsDir, else https://host, or
+// http://host for a loopback/localhost host). Any HTTP answer below 500 (200, 401, 404...) =
+// alive; a 5xx, a refused or reset connection, a TLS failure, or no answer within the timeout
+// = dead. The whole probe (name lookup, connect, TLS, request, status line) is bounded by the
+// timeout, a black hole included. Probes send no credentials, so the server certificate is not
+// verified: the probe asks only "does something answer HTTP there", and a mirror with a
+// private CA (configured for containerd in hosts.toml `ca = ...`, which the probe does not
+// read) must not look dead; containerd verifies as configured when it pulls.
+//
+// Probes are single-flight per mirror (concurrent pulls wait for the probe in progress) and an
+// "alive" answer is reused for `alive_ttl` (a burst of pulls costs one probe).
+//
+// Breaker: a failed probe, or an attempt that failed in a way that says the mirror is down
+// (AttemptSaysDown), opens the mirror's breaker for `cooldown`: while open the mirror is
+// skipped without probing. After the cooldown the next pull probes again (half-open): alive
+// closes it, dead opens it for another cooldown.
+//
+// Thread safety: every public method may be called from any number of threads.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <list>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "status.h"
+#include "upstream.h"
+
+namespace registry_proxy {
+
+// The node settings the health checker follows (from the config snapshot of each pull, so a
+// reload applies to the next pull).
+struct HealthSettings {
+  bool probe = true;                                  // node.mirrorProbe
+  std::chrono::milliseconds probe_timeout{2000};      // node.mirrorProbeTimeout
+  std::chrono::milliseconds cooldown{30000};          // node.mirrorCooldown; 0 = no breaker
+  std::string hosts_dir = "/etc/containerd/certs.d";  // node.containerdHostsDir
+};
+
+// Where a probe goes.
+struct ProbeTarget {
+  std::string scheme;  // "http" or "https"
+  std::string host;    // "m.example:5000" (as in the URL; [v6] in brackets)
+  std::string path;    // "/v2/" (the registry API root, with a trailing slash)
+  std::string source;  // why: "default", "hosts.toml <file> [host.\"...\"]"...
+  std::string Url() const { return scheme + "://" + host + path; }
+};
+
+// What containerd 1.6 contacts first for a registry `host` (host[:port], as in an image
+// reference), given its registry config_path `hosts_dir`:
+//  - the first directory that exists of <dir>/<host with ":port" as "_port_">, <dir>/<host>,
+//    <dir>/_default; in it hosts.toml: the first [host."URL"] table, else (containerd 1.6
+//    rejects a file without [host] tables, "invalid `host` tree") the default;
+//  - the default: https://host, except http://host for localhost and loopback IPs
+//    (remotes/docker/config/hosts.go, ConfigureHosts without DefaultScheme as the CRI plugin
+//    calls it), and https://registry-1.docker.io for docker.io.
+// A URL without a scheme gets https://, as containerd does. `problem` (may be null) receives
+// why a hosts.toml present was not used (malformed: the default is used, as containerd does).
+ProbeTarget ResolveProbeTarget(const std::string& host, const std::string& hosts_dir,
+                               std::string* problem);
+
+// The strict reader of the few hosts.toml keys the probe needs. Exposed for tests.
+struct HostsToml {
+  std::string server;              // "" when absent
+  std::vector<std::string> hosts;  // [host."URL"] tables, in file order
+};
+Result<HostsToml> ParseHostsToml(std::string_view text);
+
+struct ProbeResult {
+  bool alive = false;
+  int http_status = 0;  // 0 when no HTTP answer
+  std::string detail;   // "HTTP 401", "connection refused", "timed out after 2000ms"...
+};
+
+// Runs one probe, bounded by `deadline`, stopping early when `stop` turns true. The default
+// is HttpProbe.
+using Prober = std::function<ProbeResult(const ProbeTarget& target,
+                                         std::chrono::steady_clock::time_point deadline,
+                                         const std::atomic<bool>& stop)>;
+ProbeResult HttpProbe(const ProbeTarget& target, std::chrono::steady_clock::time_point deadline,
+                      const std::atomic<bool>& stop);
+
+// Whether a failed pull attempt at a mirror says the mirror itself is down (opens the
+// breaker), as opposed to the mirror lacking the image or refusing it (NOT_FOUND, 401...).
+// `attempt_deadline_hit`: the attempt ran into the daemon's own attempt deadline.
+bool AttemptSaysDown(const grpc::Status& s, bool attempt_deadline_hit);
+
+// What the pull service must do with a mirror, and what happened on the way (for the log
+// and the PullObserver).
+struct HealthVerdict {
+  enum class Action {
+    kTry,        // hand it to containerd
+    kCooldown,   // skip: breaker open
+    kDead,       // skip: the probe (this one, or the one waited for) said dead
+    kCancelled,  // the caller went away while waiting for a probe
+    kNoTime,     // the caller's deadline passed while waiting for a probe
+  };
+  Action action = Action::kTry;
+  bool probed = false;     // this call ran (or waited for) a fresh probe
+  bool ran_probe = false;  // report this probe: true for exactly one caller per probe
+  ProbeResult probe;
+  std::chrono::nanoseconds probe_duration{0};
+  std::string target;                          // the probe URL, when probed
+  std::chrono::milliseconds cooldown_left{0};  // with kCooldown
+  bool breaker_opened = false;                 // this call opened the breaker (a failed probe)
+  bool breaker_closed = false;                 // this call closed it (half-open probe alive)
+};
+
+// The seam the pull service uses (tests use a fake).
+class MirrorHealth {
+ public:
+  virtual ~MirrorHealth() = default;
+  // Before an attempt at mirror `host` (host[:port]). Blocks at most for one probe (bounded by
+  // settings.probe_timeout), less when the caller's deadline passes or it cancels.
+  virtual HealthVerdict Check(const std::string& host, const HealthSettings& settings,
+                              const CallOptions& opts) = 0;
+  // After an attempt at `host`: ok, or failed and `down` (see AttemptSaysDown), or failed for
+  // another reason. Returns +1 when this opened the breaker, -1 when it closed it, else 0.
+  virtual int Report(const std::string& host, bool ok, bool down,
+                     const HealthSettings& settings) = 0;
+};
+
+class MirrorHealthChecker final : public MirrorHealth {
+ public:
+  struct Options {
+    Prober prober;                                               // default HttpProbe
+    std::function<std::chrono::steady_clock::time_point()> now;  // default steady_clock
+    std::chrono::milliseconds alive_ttl{10000};  // how long an alive answer is reused
+    // Run probes on their own thread (default), so a caller that cancels or runs out of time
+    // stops waiting at once. Tests set false to run them inline, deterministically.
+    bool probe_thread = true;
+  };
+  MirrorHealthChecker();
+  explicit MirrorHealthChecker(Options options);
+  ~MirrorHealthChecker() override;  // stops and joins running probes
+  MirrorHealthChecker(const MirrorHealthChecker&) = delete;
+  MirrorHealthChecker& operator=(const MirrorHealthChecker&) = delete;
+
+  HealthVerdict Check(const std::string& host, const HealthSettings& settings,
+                      const CallOptions& opts) override;
+  int Report(const std::string& host, bool ok, bool down, const HealthSettings& settings) override;
+
+  // For tests and logs: whether host's breaker is open now.
+  bool IsOpen(const std::string& host);
+
+ private:
+  struct Probe;  // one probe in flight, shared by its waiters
+  struct State {
+    bool open = false;
+    std::chrono::steady_clock::time_point open_until{};
+    std::chrono::steady_clock::time_point alive_until{};  // alive answer reusable until
+    std::shared_ptr<Probe> probe;                         // in flight, or null
+  };
+  std::chrono::steady_clock::time_point Now() const { return options_.now(); }
+  void ReapThreads();  // joins finished probe threads; mu_ held
+  // Records a probe's answer (once; a late one is dropped), moves the breaker, wakes the
+  // waiters. mu_ held.
+  void Finish(const std::shared_ptr<Probe>& p, ProbeResult result);
+
+  Options options_;
+  std::mutex mu_;
+  std::map<std::string, State> states_;  // guarded by mu_
+  struct Runner {
+    std::thread thread;
+    std::shared_ptr<Probe> probe;
+  };
+  std::list<Runner> runners_;  // guarded by mu_
+  std::atomic<bool> stopping_{false};
+  std::set<std::string> logged_problems_;  // hosts.toml problems already logged; mu_
+};
+
+}  // namespace registry_proxy

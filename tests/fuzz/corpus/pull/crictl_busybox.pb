@@ -1,0 +1,3 @@
+
+ 
+docker.io/library/busybox:1.36

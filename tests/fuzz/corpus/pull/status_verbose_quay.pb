@@ -1,0 +1,3 @@
+
+)
+'quay.io/prometheus/node-exporter:v1.6.0

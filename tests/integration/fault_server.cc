@@ -1,0 +1,173 @@
+#include "fault_server.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+namespace rp_testbed {
+
+using registry_proxy::Status;
+
+FaultServer::FaultServer(Behavior api_root, Behavior other, std::chrono::milliseconds stall)
+    : api_root_(api_root), other_(other), stall_(stall) {}
+
+FaultServer::~FaultServer() {
+  stopping_ = true;
+  cv_.notify_all();
+  if (listen_fd_ >= 0) shutdown(listen_fd_, SHUT_RDWR);  // wakes accept()
+  if (acceptor_.joinable()) acceptor_.join();
+  std::list<std::thread> workers;
+  {
+    std::lock_guard lock(mu_);
+    for (int fd : open_fds_) shutdown(fd, SHUT_RDWR);  // wakes recv()
+    workers.swap(workers_);
+  }
+  for (std::thread& t : workers) t.join();
+  if (listen_fd_ >= 0) close(listen_fd_);
+}
+
+Status FaultServer::Start() {
+  listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (listen_fd_ < 0) return Status::Error(std::string("socket: ") + std::strerror(errno));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      listen(listen_fd_, 64) != 0 ||
+      getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    return Status::Error(std::string("fault server listen: ") + std::strerror(errno));
+  }
+  port_ = ntohs(addr.sin_port);
+  acceptor_ = std::thread([this] { AcceptLoop(); });
+  return Status::Ok();
+}
+
+void FaultServer::AcceptLoop() {
+  while (!stopping_) {
+    int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      return;  // shut down
+    }
+    ++connections_;
+    std::lock_guard lock(mu_);
+    if (stopping_) {
+      close(fd);
+      return;
+    }
+    open_fds_.push_back(fd);
+    workers_.emplace_back([this, fd] { Serve(fd); });
+  }
+}
+
+bool FaultServer::Wait(std::chrono::milliseconds d) {
+  std::unique_lock lock(mu_);
+  return !cv_.wait_for(lock, d, [this] { return stopping_.load(); });
+}
+
+void FaultServer::Serve(int fd) {
+  std::string buf;
+  char chunk[4096];
+  bool open = true;
+  while (open && !stopping_) {
+    size_t end;
+    while ((end = buf.find("\r\n\r\n")) == std::string::npos) {
+      ssize_t n = recv(fd, chunk, sizeof(chunk), 0);
+      if (n <= 0) {
+        open = false;
+        break;
+      }
+      buf.append(chunk, static_cast<size_t>(n));
+    }
+    if (!open) break;
+    const std::string head = buf.substr(0, end);
+    buf.erase(0, end + 4);  // pulls send no bodies
+    Request req;
+    const size_t sp1 = head.find(' ');
+    const size_t sp2 = head.find(' ', sp1 + 1);
+    req.method = head.substr(0, sp1);
+    req.path = head.substr(sp1 + 1, sp2 - sp1 - 1);
+    for (size_t pos = head.find("\r\n"); pos != std::string::npos;
+         pos = head.find("\r\n", pos + 2)) {
+      std::string line = head.substr(pos + 2, head.find("\r\n", pos + 2) - pos - 2);
+      std::string lower = line;
+      std::transform(lower.begin(), lower.end(), lower.begin(), ::tolower);
+      if (lower.rfind("user-agent:", 0) == 0) {
+        req.user_agent = line.substr(11);
+        req.user_agent.erase(0, req.user_agent.find_first_not_of(' '));
+      }
+    }
+    const bool root = req.path == "/v2/" || req.path == "/v2";
+    {
+      std::lock_guard lock(mu_);
+      requests_.push_back(req);
+    }
+    std::string answer;
+    switch (root ? api_root_ : other_) {
+      case Behavior::kOk:
+        answer = root ? "HTTP/1.1 200 OK\r\nDocker-Distribution-API-Version: registry/2.0\r\n"
+                        "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+                      : "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n"
+                        "Content-Length: 0\r\n\r\n";
+        break;
+      case Behavior::k500:
+        answer = "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n";
+        break;
+      case Behavior::kReset: {
+        linger l{1, 0};
+        setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+        open = false;
+        break;
+      }
+      case Behavior::kStall:
+        Wait(stall_);
+        open = false;
+        break;
+    }
+    if (req.method == "HEAD" && answer.size() > 2 && answer.substr(answer.size() - 2) == "{}") {
+      answer.resize(answer.size() - 2);
+    }
+    if (!answer.empty() && send(fd, answer.data(), answer.size(), MSG_NOSIGNAL) < 0) open = false;
+  }
+  std::lock_guard lock(mu_);
+  open_fds_.erase(std::find(open_fds_.begin(), open_fds_.end(), fd));
+  close(fd);
+}
+
+std::vector<FaultServer::Request> FaultServer::Requests() const {
+  std::lock_guard lock(mu_);
+  return requests_;
+}
+
+size_t FaultServer::Count(const std::string& method, const std::string& prefix) const {
+  std::lock_guard lock(mu_);
+  return static_cast<size_t>(
+      std::count_if(requests_.begin(), requests_.end(), [&](const Request& r) {
+        return r.method == method &&
+               (prefix == "/v2/" ? r.path == "/v2/" : r.path.rfind(prefix, 0) == 0);
+      }));
+}
+
+size_t FaultServer::ProbeRequests() const {
+  std::lock_guard lock(mu_);
+  return static_cast<size_t>(
+      std::count_if(requests_.begin(), requests_.end(), [](const Request& r) {
+        return r.path == "/v2/" && r.user_agent.rfind("registry-proxy-probe", 0) == 0;
+      }));
+}
+
+size_t FaultServer::PullRequests() const {
+  std::lock_guard lock(mu_);
+  return static_cast<size_t>(
+      std::count_if(requests_.begin(), requests_.end(),
+                    [](const Request& r) { return r.path != "/v2/" && r.path != "/v2"; }));
+}
+
+}  // namespace rp_testbed

@@ -1,0 +1,582 @@
+// Mirror health: the hosts.toml reader, what the probe targets, how attempt errors are read,
+// the breaker's states (fake prober, fake clock), single flight, cancellation, and the HTTP
+// probe itself against small servers on loopback.
+#include "mirror_health.h"
+
+#include <arpa/inet.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <thread>
+#include <vector>
+
+namespace registry_proxy {
+namespace {
+
+namespace fs = std::filesystem;
+using std::chrono::milliseconds;
+using testing::HasSubstr;
+using Action = HealthVerdict::Action;
+
+// ---------------------------------------------------------------------------------------------
+// hosts.toml
+
+TEST(HostsTomlTest, ReadsServerAndHostTablesInFileOrder) {
+  auto h = ParseHostsToml(R"(# mirrors for docker.io
+server = "https://registry-1.docker.io"   # the origin
+
+[host."https://mirror-b.example/v2/proxy"]
+  capabilities = ["pull",
+                  "resolve"]   # spans lines
+  skip_verify = true
+  ca = '/etc/certs/ca.pem'
+  [host."https://mirror-b.example/v2/proxy".header]
+    x-custom = ["a", "b"]
+
+[host.'http://mirror-a.example:5000']
+  capabilities = ["pull", "resolve"]
+  override_path = false
+)");
+  ASSERT_TRUE(h.ok()) << h.error();
+  EXPECT_EQ(h->server, "https://registry-1.docker.io");
+  EXPECT_THAT(h->hosts, testing::ElementsAre("https://mirror-b.example/v2/proxy",
+                                             "http://mirror-a.example:5000"));
+}
+
+TEST(HostsTomlTest, EmptyFileHasNothing) {
+  auto h = ParseHostsToml("\n# nothing\n");
+  ASSERT_TRUE(h.ok());
+  EXPECT_EQ(h->server, "");
+  EXPECT_TRUE(h->hosts.empty());
+}
+
+TEST(HostsTomlTest, MalformedFilesSayWhereAndWhy) {
+  struct Case {
+    const char* text;
+    const char* want;
+  } cases[] = {
+      {"server = \"https://x\n", "line 1: server: unterminated string"},
+      {"server = https://x\n", "line 1: server: expected a quoted string"},
+      {"server = \"a\"\nserver = \"b\"\n", "line 2: duplicate key 'server'"},
+      {"\n\nthis is not toml\n", "line 3: expected '=' after 'this'"},
+      {"[host.\"https://x\"\n", "line 1: bad table header"},
+      {"[[host]]\n", "line 1: arrays of tables"},
+      {"[host]\n", "line 1: [host] needs a URL"},
+      {"[host.\"https://x\"]\ncapabilities = [\"pull\"\n", "line 2: capabilities: unterminated"},
+      {"host.\"https://x\".capabilities = [\"pull\"]\n", "line 1: dotted host keys"},
+      {"server = \"a\" junk\n", "line 1: text after the value"},
+      {"server = \"\\q\"\n", "unsupported escape"},
+  };
+  for (const Case& c : cases) {
+    auto h = ParseHostsToml(c.text);
+    ASSERT_FALSE(h.ok()) << c.text;
+    EXPECT_THAT(h.error(), HasSubstr(c.want)) << c.text;
+  }
+  EXPECT_FALSE(ParseHostsToml(std::string(70000, '#')).ok());
+}
+
+// ---------------------------------------------------------------------------------------------
+// What is probed
+
+class ProbeTargetTest : public testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/rp-health-test.XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  void Write(const std::string& host_dir, const std::string& text) {
+    fs::create_directories(dir_ + "/" + host_dir);
+    std::ofstream(dir_ + "/" + host_dir + "/hosts.toml") << text;
+  }
+  ProbeTarget Resolve(const std::string& host, std::string* problem = nullptr) {
+    std::string p;
+    ProbeTarget t = ResolveProbeTarget(host, dir_, &p);
+    if (problem) *problem = p;
+    return t;
+  }
+  std::string dir_;
+};
+
+TEST_F(ProbeTargetTest, WithoutHostsTomlContainerdsDefaults) {
+  EXPECT_EQ(Resolve("mirror.example").Url(), "https://mirror.example/v2/");
+  EXPECT_EQ(Resolve("mirror.example:8443").Url(), "https://mirror.example:8443/v2/");
+  // containerd 1.6 talks plain HTTP to loopback and localhost hosts.
+  EXPECT_EQ(Resolve("127.0.0.1:5000").Url(), "http://127.0.0.1:5000/v2/");
+  EXPECT_EQ(Resolve("127.9.9.9:5000").Url(), "http://127.9.9.9:5000/v2/");
+  EXPECT_EQ(Resolve("localhost:5000").Url(), "http://localhost:5000/v2/");
+  EXPECT_EQ(Resolve("[::1]:5000").Url(), "http://[::1]:5000/v2/");
+  EXPECT_EQ(Resolve("10.0.0.1:5000").Url(), "https://10.0.0.1:5000/v2/");
+  EXPECT_EQ(Resolve("docker.io").Url(), "https://registry-1.docker.io/v2/");
+  EXPECT_EQ(Resolve("mirror.example").source, "default");
+  // No config dir at all: the same defaults.
+  EXPECT_EQ(ResolveProbeTarget("127.0.0.1:5000", "", nullptr).Url(), "http://127.0.0.1:5000/v2/");
+}
+
+TEST_F(ProbeTargetTest, FirstHostTableOfTheHostsFileWins) {
+  Write("mirror.example",
+        "server = \"https://origin.example\"\n"
+        "[host.\"http://cache.example:8080/prefix//\"]\n  capabilities = [\"pull\"]\n"
+        "[host.\"https://second.example\"]\n");
+  ProbeTarget t = Resolve("mirror.example");
+  EXPECT_EQ(t.Url(), "http://cache.example:8080/prefix/v2/");
+  EXPECT_THAT(t.source, HasSubstr("mirror.example/hosts.toml"));
+  // A URL without a scheme is https (containerd adds it); one ending in /v2 keeps it.
+  Write("a.example", "[host.\"cache-a.example/v2\"]\n");
+  EXPECT_EQ(Resolve("a.example").Url(), "https://cache-a.example/v2/");
+}
+
+TEST_F(ProbeTargetTest, PortDirectoryFirstThenPlainThenDefaultDir) {
+  Write("m.example_5000_", "[host.\"https://by-port.example\"]\n");
+  Write("m.example:5000", "[host.\"https://by-colon.example\"]\n");
+  EXPECT_EQ(Resolve("m.example:5000").host, "by-port.example");
+  fs::remove_all(dir_ + "/m.example_5000_");
+  EXPECT_EQ(Resolve("m.example:5000").host, "by-colon.example");
+  Write("_default", "[host.\"https://fallback.example\"]\n");
+  EXPECT_EQ(Resolve("other.example").host, "fallback.example");
+  // A host directory without hosts.toml (certificates only) is containerd's choice too: the
+  // default host, not _default.
+  fs::create_directories(dir_ + "/certs-only.example");
+  EXPECT_EQ(Resolve("certs-only.example").Url(), "https://certs-only.example/v2/");
+}
+
+TEST_F(ProbeTargetTest, ServerOnlyOrMalformedFileProbesTheDefaultAndSaysWhy) {
+  std::string problem;
+  Write("only-server.example", "server = \"https://elsewhere.example\"\n");
+  EXPECT_EQ(Resolve("only-server.example", &problem).Url(), "https://only-server.example/v2/");
+  EXPECT_THAT(problem, HasSubstr("no [host.\"URL\"] table"));
+  Write("broken.example", "[host.\"https://x\"\n");
+  EXPECT_EQ(Resolve("broken.example", &problem).Url(), "https://broken.example/v2/");
+  EXPECT_THAT(problem, HasSubstr("broken.example/hosts.toml: line 1: bad table header"));
+  Write("ftp.example", "[host.\"ftp://x\"]\n");
+  EXPECT_EQ(Resolve("ftp.example", &problem).Url(), "https://ftp.example/v2/");
+  EXPECT_THAT(problem, HasSubstr("scheme must be http or https"));
+  Resolve("127.0.0.1:1", &problem);
+  EXPECT_EQ(problem, "");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading attempt errors (messages as containerd 1.6.20 returned them in the testbed)
+
+TEST(AttemptSaysDownTest, NetworkAndServerErrorsAreDownMissingImagesAreNot) {
+  const grpc::StatusCode kUnknown = grpc::StatusCode::UNKNOWN;
+  const std::string pre =
+      "failed to pull and unpack image \"127.0.0.1:9/library/busybox:latest\": failed to resolve "
+      "reference \"127.0.0.1:9/library/busybox:latest\": ";
+  EXPECT_TRUE(AttemptSaysDown(
+      grpc::Status(kUnknown, pre + "failed to do request: Head \"http://127.0.0.1:9/v2/library/"
+                                   "busybox/manifests/latest\": dial tcp 127.0.0.1:9: connect: "
+                                   "connection refused"),
+      false));
+  EXPECT_TRUE(AttemptSaysDown(
+      grpc::Status(kUnknown, pre + "failed to do request: Head \"http://127.0.0.1:18501/v2/x\": "
+                                   "read tcp 127.0.0.1:58682->127.0.0.1:18501: read: connection "
+                                   "reset by peer"),
+      false));
+  EXPECT_TRUE(AttemptSaysDown(
+      grpc::Status(kUnknown, pre + "pulling from host 127.0.0.1:18500 failed with status code "
+                                   "[manifests latest]: 500 Internal Server Error"),
+      false));
+  EXPECT_TRUE(AttemptSaysDown(
+      grpc::Status(kUnknown, pre + "failed with status code [manifests latest]: 503 Service "
+                                   "Unavailable"),
+      false));
+  // The mirror answered: it lacks the image, or refuses us.
+  EXPECT_FALSE(
+      AttemptSaysDown(grpc::Status(grpc::StatusCode::NOT_FOUND,
+                                   pre + "127.0.0.1:47039/library/nothere:latest: not found"),
+                      false));
+  EXPECT_FALSE(AttemptSaysDown(
+      grpc::Status(kUnknown, pre + "pulling from host m.example failed with status code "
+                                   "[manifests latest]: 401 Unauthorized"),
+      false));
+  // Our own attempt deadline: down. The caller's deadline, or containerd itself away: not.
+  EXPECT_TRUE(AttemptSaysDown(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "x"), true));
+  EXPECT_FALSE(AttemptSaysDown(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "x"), false));
+  EXPECT_FALSE(AttemptSaysDown(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                            "connect: connection "
+                                            "refused"),
+                               false));
+  EXPECT_FALSE(AttemptSaysDown(grpc::Status::OK, true));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The checker, with a fake prober and a fake clock (probes inline: deterministic)
+
+class CheckerTest : public testing::Test {
+ protected:
+  CheckerTest() {
+    settings_.probe_timeout = milliseconds(2000);
+    settings_.cooldown = milliseconds(30000);
+    settings_.hosts_dir = "";
+  }
+  MirrorHealthChecker& Checker() {
+    if (!checker_) {
+      MirrorHealthChecker::Options o;
+      o.prober = [this](const ProbeTarget& t, std::chrono::steady_clock::time_point,
+                        const std::atomic<bool>&) {
+        targets_.push_back(t.Url());
+        return next_;
+      };
+      o.now = [this] { return std::chrono::steady_clock::time_point(now_); };
+      o.alive_ttl = milliseconds(10000);
+      o.probe_thread = false;
+      checker_ = std::make_unique<MirrorHealthChecker>(std::move(o));
+    }
+    return *checker_;
+  }
+  HealthVerdict Check(const std::string& host = "m.example") {
+    return Checker().Check(host, settings_, {});
+  }
+  void Advance(milliseconds d) { now_ += d; }
+
+  HealthSettings settings_;
+  ProbeResult next_{true, 401, "HTTP 401"};
+  std::vector<std::string> targets_;
+  std::chrono::steady_clock::duration now_{std::chrono::hours(1)};
+  std::unique_ptr<MirrorHealthChecker> checker_;
+};
+
+TEST_F(CheckerTest, AliveIsReusedForAWhileThenProbedAgain) {
+  HealthVerdict v = Check();
+  EXPECT_EQ(v.action, Action::kTry);
+  EXPECT_TRUE(v.probed);
+  EXPECT_TRUE(v.ran_probe);
+  EXPECT_EQ(v.target, "https://m.example/v2/");
+  EXPECT_EQ(v.probe.http_status, 401);
+  EXPECT_EQ(targets_.size(), 1u);
+  Advance(milliseconds(9000));
+  v = Check();
+  EXPECT_EQ(v.action, Action::kTry);
+  EXPECT_FALSE(v.probed);  // reused
+  EXPECT_EQ(targets_.size(), 1u);
+  EXPECT_EQ(Check("other.example").action, Action::kTry);  // per mirror
+  EXPECT_EQ(targets_.size(), 2u);
+  Advance(milliseconds(2000));
+  EXPECT_TRUE(Check().probed);
+  EXPECT_EQ(targets_.size(), 3u);
+}
+
+TEST_F(CheckerTest, DeadProbeOpensTheBreakerUntilTheCooldownThenHalfOpenProbes) {
+  next_ = {false, 0, "connect: connection refused"};
+  HealthVerdict v = Check();
+  EXPECT_EQ(v.action, Action::kDead);
+  EXPECT_TRUE(v.breaker_opened);
+  EXPECT_EQ(v.probe.detail, "connect: connection refused");
+  EXPECT_TRUE(Checker().IsOpen("m.example"));
+  // Open: skipped without probing.
+  Advance(milliseconds(29000));
+  v = Check();
+  EXPECT_EQ(v.action, Action::kCooldown);
+  EXPECT_FALSE(v.probed);
+  EXPECT_EQ(v.cooldown_left, milliseconds(1000));
+  EXPECT_EQ(targets_.size(), 1u);
+  // Half-open: probed again; still dead -> open again, not "opened" again.
+  Advance(milliseconds(1000));
+  v = Check();
+  EXPECT_EQ(v.action, Action::kDead);
+  EXPECT_FALSE(v.breaker_opened);
+  EXPECT_EQ(targets_.size(), 2u);
+  EXPECT_EQ(Check().action, Action::kCooldown);
+  // Half-open, alive: closed.
+  Advance(milliseconds(30000));
+  next_ = {true, 200, "HTTP 200"};
+  v = Check();
+  EXPECT_EQ(v.action, Action::kTry);
+  EXPECT_TRUE(v.breaker_closed);
+  EXPECT_FALSE(Checker().IsOpen("m.example"));
+  EXPECT_EQ(targets_.size(), 3u);
+}
+
+TEST_F(CheckerTest, FailedAttemptsThatSayDownOpenItSuccessClosesIt) {
+  EXPECT_EQ(Check().action, Action::kTry);
+  EXPECT_EQ(Checker().Report("m.example", false, /*down=*/false, settings_), 0);  // NOT_FOUND
+  EXPECT_EQ(Check().action, Action::kTry);
+  EXPECT_EQ(Checker().Report("m.example", false, /*down=*/true, settings_), 1);
+  EXPECT_EQ(Checker().Report("m.example", false, /*down=*/true, settings_), 0);  // already open
+  HealthVerdict v = Check();
+  EXPECT_EQ(v.action, Action::kCooldown);
+  EXPECT_EQ(targets_.size(), 1u);
+  // After the cooldown a probe decides; an attempt that succeeds closes it too.
+  Advance(milliseconds(30000));
+  settings_.probe = false;
+  EXPECT_EQ(Check().action, Action::kTry);  // half-open without a probe: just try it
+  EXPECT_EQ(targets_.size(), 1u);
+  EXPECT_EQ(Checker().Report("m.example", true, false, settings_), -1);
+  EXPECT_FALSE(Checker().IsOpen("m.example"));
+}
+
+TEST_F(CheckerTest, ProbingOffAndNoCooldown) {
+  settings_.probe = false;
+  next_ = {false, 0, "dead"};
+  EXPECT_EQ(Check().action, Action::kTry);
+  EXPECT_TRUE(targets_.empty());
+  settings_.probe = true;
+  settings_.cooldown = milliseconds(0);  // no breaker: every pull probes (cached when alive)
+  EXPECT_EQ(Check().action, Action::kDead);
+  EXPECT_FALSE(Checker().IsOpen("m.example"));
+  EXPECT_EQ(Check().action, Action::kDead);
+  EXPECT_EQ(targets_.size(), 2u);
+  EXPECT_EQ(Checker().Report("m.example", false, true, settings_), 0);
+}
+
+TEST_F(CheckerTest, ProbeTargetFollowsTheHostsDirOfTheSettings) {
+  char tmpl[] = "/tmp/rp-health-test.XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  fs::create_directories(dir + "/m.example");
+  std::ofstream(dir + "/m.example/hosts.toml") << "[host.\"http://cache.example:81\"]\n";
+  settings_.hosts_dir = dir;
+  EXPECT_EQ(Check().target, "http://cache.example:81/v2/");
+  fs::remove_all(dir);
+}
+
+// Real threads from here on: the real clock, probes on their own threads.
+
+TEST(CheckerThreadsTest, ConcurrentChecksShareOneProbe) {
+  std::atomic<int> probes{0};
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  MirrorHealthChecker::Options o;
+  o.prober = [&](const ProbeTarget&, std::chrono::steady_clock::time_point,
+                 const std::atomic<bool>&) {
+    ++probes;
+    released.wait();
+    return ProbeResult{true, 200, "HTTP 200"};
+  };
+  MirrorHealthChecker checker(std::move(o));
+  HealthSettings s;
+  s.hosts_dir = "";
+  s.probe_timeout = milliseconds(60000);
+  std::vector<std::future<HealthVerdict>> calls;
+  for (int i = 0; i < 8; ++i) {
+    calls.push_back(
+        std::async(std::launch::async, [&] { return checker.Check("m.example", s, {}); }));
+  }
+  while (probes.load() == 0) std::this_thread::sleep_for(milliseconds(1));
+  std::this_thread::sleep_for(milliseconds(50));  // let the others queue up behind it
+  release.set_value();
+  int reported = 0;
+  for (auto& c : calls) {
+    HealthVerdict v = c.get();
+    EXPECT_EQ(v.action, Action::kTry);
+    reported += v.ran_probe ? 1 : 0;
+  }
+  EXPECT_EQ(probes.load(), 1);
+  EXPECT_EQ(reported, 1);  // the probe is reported once, not per waiter
+}
+
+TEST(CheckerThreadsTest, CancellingTheCallerStopsWaitingForTheProbe) {
+  std::atomic<bool> in_probe{false};
+  MirrorHealthChecker::Options o;
+  o.prober = [&](const ProbeTarget&, std::chrono::steady_clock::time_point,
+                 const std::atomic<bool>& stop) {
+    in_probe = true;
+    while (!stop.load()) std::this_thread::sleep_for(milliseconds(1));  // a black hole
+    return ProbeResult{false, 0, "probe stopped"};
+  };
+  auto checker = std::make_unique<MirrorHealthChecker>(std::move(o));
+  HealthSettings s;
+  s.hosts_dir = "";
+  s.probe_timeout = milliseconds(600000);
+  Cancellation cancel;
+  CallOptions opts;
+  opts.cancellation = &cancel;
+  auto call = std::async(std::launch::async, [&] { return checker->Check("m.example", s, opts); });
+  while (!in_probe.load()) std::this_thread::sleep_for(milliseconds(1));
+  cancel.Cancel();
+  EXPECT_EQ(call.get().action, Action::kCancelled);
+  // A caller whose deadline has passed does not wait either.
+  CallOptions late;
+  late.deadline = std::chrono::system_clock::now();
+  EXPECT_EQ(checker->Check("m.example", s, late).action, Action::kNoTime);
+  checker.reset();  // stops the probe and joins its thread
+}
+
+TEST(CheckerThreadsTest, AProbeThatOverrunsItsTimeoutCountsAsDead) {
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  MirrorHealthChecker::Options o;
+  // Ignores its deadline, as a name lookup would.
+  o.prober = [&](const ProbeTarget&, std::chrono::steady_clock::time_point,
+                 const std::atomic<bool>&) {
+    released.wait();
+    return ProbeResult{true, 200, "HTTP 200 (too late)"};
+  };
+  MirrorHealthChecker checker(std::move(o));
+  HealthSettings s;
+  s.hosts_dir = "";
+  s.probe_timeout = milliseconds(50);
+  HealthVerdict v = checker.Check("m.example", s, {});
+  release.set_value();
+  EXPECT_EQ(v.action, Action::kDead);
+  EXPECT_THAT(v.probe.detail, HasSubstr("no answer within 50ms"));
+  EXPECT_TRUE(checker.IsOpen("m.example"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The HTTP probe against servers on loopback
+
+// Accepts connections on 127.0.0.1 and runs `serve(fd)` on each (then closes it), on its own
+// thread; joined in the destructor.
+class LoopbackServer {
+ public:
+  explicit LoopbackServer(std::function<void(int)> serve) : serve_(std::move(serve)) {
+    fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(a);
+    EXPECT_EQ(bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    EXPECT_EQ(listen(fd_, 16), 0);
+    getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len);
+    port_ = ntohs(a.sin_port);
+    thread_ = std::thread([this] {
+      for (;;) {
+        int c = accept(fd_, nullptr, nullptr);
+        if (c < 0 || stop_) {
+          if (c >= 0) close(c);
+          return;
+        }
+        serve_(c);
+        close(c);
+      }
+    });
+  }
+  ~LoopbackServer() {
+    stop_ = true;
+    shutdown(fd_, SHUT_RDWR);
+    thread_.join();
+    close(fd_);
+  }
+  ProbeTarget Target(const std::string& scheme = "http") const {
+    return ProbeTarget{scheme, "127.0.0.1:" + std::to_string(port_), "/v2/", "test"};
+  }
+
+ private:
+  std::function<void(int)> serve_;
+  int fd_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+std::string ReadRequest(int fd) {
+  std::string got;
+  char buf[1024];
+  while (got.find("\r\n\r\n") == std::string::npos) {
+    ssize_t n = recv(fd, buf, sizeof(buf), 0);
+    if (n <= 0) break;
+    got.append(buf, static_cast<size_t>(n));
+  }
+  return got;
+}
+
+ProbeResult ProbeFor(const ProbeTarget& t, milliseconds timeout) {
+  std::atomic<bool> stop{false};
+  return HttpProbe(t, std::chrono::steady_clock::now() + timeout, stop);
+}
+
+TEST(HttpProbeTest, AnswersBelow500AreAliveFromThe500sDead) {
+  std::string seen;
+  for (const char* line : {"HTTP/1.1 200 OK", "HTTP/1.1 401 Unauthorized", "HTTP/1.0 404 Nope"}) {
+    LoopbackServer server([&](int fd) {
+      seen = ReadRequest(fd);
+      std::string answer = std::string(line) + "\r\nContent-Length: 0\r\n\r\n";
+      send(fd, answer.data(), answer.size(), MSG_NOSIGNAL);
+    });
+    ProbeResult r = ProbeFor(server.Target(), milliseconds(5000));
+    EXPECT_TRUE(r.alive) << line << ": " << r.detail;
+  }
+  EXPECT_THAT(seen, HasSubstr("GET /v2/ HTTP/1.1\r\n"));
+  EXPECT_THAT(seen, HasSubstr("Host: 127.0.0.1:"));
+  EXPECT_THAT(seen, testing::Not(HasSubstr("Authorization")));
+  LoopbackServer failing([](int fd) {
+    ReadRequest(fd);
+    std::string answer = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+    send(fd, answer.data(), answer.size(), MSG_NOSIGNAL);
+  });
+  ProbeResult r = ProbeFor(failing.Target(), milliseconds(5000));
+  EXPECT_FALSE(r.alive);
+  EXPECT_EQ(r.http_status, 503);
+  EXPECT_EQ(r.detail, "HTTP 503");
+}
+
+TEST(HttpProbeTest, RefusedResetSilentAndNonHttpAreDead) {
+  {
+    // A port nobody listens on (bound, never listened: refused).
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(a);
+    bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+    getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+    ProbeTarget t{"http", "127.0.0.1:" + std::to_string(ntohs(a.sin_port)), "/v2/", "test"};
+    ProbeResult r = ProbeFor(t, milliseconds(5000));
+    close(fd);
+    EXPECT_FALSE(r.alive);
+    EXPECT_THAT(r.detail, HasSubstr("connection refused"));
+  }
+  {
+    LoopbackServer reset([](int fd) {
+      ReadRequest(fd);
+      linger l{1, 0};  // close with RST
+      setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+    });
+    ProbeResult r = ProbeFor(reset.Target(), milliseconds(5000));
+    EXPECT_FALSE(r.alive);
+    EXPECT_THAT(r.detail, testing::AnyOf(HasSubstr("reset"), HasSubstr("closed")));
+  }
+  {
+    std::promise<void> done;
+    std::shared_future<void> finished = done.get_future().share();
+    LoopbackServer silent([&](int) { finished.wait(); });  // accepts, never answers
+    ProbeResult r = ProbeFor(silent.Target(), milliseconds(200));
+    done.set_value();
+    EXPECT_FALSE(r.alive);
+    EXPECT_THAT(r.detail, HasSubstr("no answer within"));
+  }
+  {
+    LoopbackServer garbage([](int fd) {
+      ReadRequest(fd);
+      send(fd, "SSH-2.0-OpenSSH\r\n", 17, MSG_NOSIGNAL);
+    });
+    ProbeResult r = ProbeFor(garbage.Target(), milliseconds(5000));
+    EXPECT_FALSE(r.alive);
+    EXPECT_EQ(r.detail, "not an HTTP answer");
+  }
+  {
+    // https to a plain HTTP server: the TLS handshake fails.
+    LoopbackServer plain([](int fd) {
+      std::string answer = "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n";
+      send(fd, answer.data(), answer.size(), MSG_NOSIGNAL);
+    });
+    ProbeResult r = ProbeFor(plain.Target("https"), milliseconds(5000));
+    EXPECT_FALSE(r.alive);
+    EXPECT_THAT(r.detail, HasSubstr("TLS handshake failed"));
+  }
+}
+
+TEST(HttpProbeTest, StopEndsAProbeEarly) {
+  std::promise<void> done;
+  std::shared_future<void> finished = done.get_future().share();
+  LoopbackServer silent([&](int) { finished.wait(); });
+  std::atomic<bool> stop{true};
+  ProbeResult r =
+      HttpProbe(silent.Target(), std::chrono::steady_clock::now() + std::chrono::hours(1), stop);
+  done.set_value();
+  EXPECT_FALSE(r.alive);
+  EXPECT_EQ(r.detail, "probe stopped");
+}
+
+}  // namespace
+}  // namespace registry_proxy
