@@ -212,6 +212,12 @@ class CriProxy::Call {
     if (!proxy_->shutting_down_.load()) proxy_->RequestNewCall();
 
     info_ = Classify(sctx_.method(), proxy_->interceptor_ != nullptr);
+    if (proxy_->refusing_.load()) {
+      // Arrived on an open connection after the drain: a clear, retryable answer rather than
+      // the CANCELLED the server's shutdown would give it.
+      Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "registry-proxy is shutting down"));
+      return;
+    }
     PrepareClientContext();
     if (info_.kind == Kind::kStream) {
       cstream_ = proxy_->stub_.PrepareCall(&cctx_, sctx_.method(), proxy_->cq_.get());
@@ -683,6 +689,14 @@ void CriProxy::Shutdown(std::chrono::milliseconds grace) {
     if (active_calls_.load() > 0) {
       spdlog::warn("{} call(s) still in flight after {} ms; cancelling them", active_calls_.load(),
                    grace.count());
+    }
+    // Calls arriving from now on are answered UNAVAILABLE at once; give those answers a moment
+    // to leave before the server's shutdown would cancel them.
+    const int stuck = active_calls_.load();  // 0 unless the grace ran out
+    refusing_ = true;
+    const auto settle = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
+    while (active_calls_.load() > stuck && std::chrono::steady_clock::now() < settle) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
     // Cancels what is left, which cancels their upstream calls and pulls (the done tag), so
     // workers end promptly.

@@ -112,8 +112,9 @@ class CriProxy {
   std::thread accept_;       // listen_fd only
   int accept_wake_fd_ = -1;  // eventfd that stops accept_
   std::atomic<bool> shutting_down_{false};
-  std::atomic<int> live_calls_{0};    // Call objects, idle request slots included
-  std::atomic<int> active_calls_{0};  // calls that arrived and have not ended
+  std::atomic<bool> refusing_{false};  // after the drain: new calls get UNAVAILABLE
+  std::atomic<int> live_calls_{0};     // Call objects, idle request slots included
+  std::atomic<int> active_calls_{0};   // calls that arrived and have not ended
 
   std::mutex workers_mu_;
   std::condition_variable workers_cv_;

@@ -11,10 +11,11 @@
 #include <string>
 #include <vector>
 
-#include "cli_args.h"
 #include "channel_keeper.h"
+#include "cli_args.h"
 #include "config_store.h"
 #include "cri_proxy.h"
+#include "grpc_status.h"
 #include "logging.h"
 #include "node_metrics.h"
 #include "ops_server.h"
@@ -57,19 +58,22 @@ constexpr char kDefaultConfigPath[] = "/etc/registry-proxy/config.yaml";
 
 // Every finished call, at debug level (the level check comes first: free when off), after
 // `next` (the metrics) saw it.
+// A call that failed UNAVAILABLE (containerd gone or restarting) also pokes the channel keeper.
 class LogCalls final : public CallObserver {
  public:
-  explicit LogCalls(CallObserver* next) : next_(next) {}
+  LogCalls(CallObserver* next, ChannelKeeper* keeper) : next_(next), keeper_(keeper) {}
   void OnCallDone(std::string_view method, grpc::StatusCode code,
                   std::chrono::nanoseconds duration) override {
     next_->OnCallDone(method, code, duration);
+    if (code == grpc::StatusCode::UNAVAILABLE) keeper_->Poke();
     if (!spdlog::should_log(spdlog::level::debug)) return;
-    spdlog::debug("call {} code={} {:.3f} ms", method, static_cast<int>(code),
+    spdlog::debug("call {} code={} {:.3f} ms", method, GrpcCodeName(code),
                   std::chrono::duration<double, std::milli>(duration).count());
   }
 
  private:
   CallObserver* const next_;
+  ChannelKeeper* const keeper_;
 };
 
 }  // namespace
@@ -163,7 +167,7 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
   PullService pulls(&store, &cri, &records, pull_options);
 
   // 4. Serve.
-  LogCalls log_calls(&node_metrics);
+  LogCalls log_calls(&node_metrics, &keeper);
   InFlightPulls counted_pulls(&pulls, &node_metrics.pulls_in_flight());
   CriProxy proxy(popts, channel, &counted_pulls, &log_calls);
   if (Status s = proxy.Start(); !s.ok()) {
@@ -196,7 +200,9 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
           return {false,
                   "no good config loaded from " + store.path() + ": " + store.Stats().last_error};
         }
-        return upstream_check.Check();
+        Readiness r = upstream_check.Check();
+        if (!r.ready) keeper.Poke();
+        return r;
       });
       if (Status st = ops->Start(); !st.ok()) {
         spdlog::error("no metrics endpoint: {}", st.message());

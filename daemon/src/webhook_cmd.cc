@@ -5,8 +5,8 @@
 
 #include <atomic>
 #include <csignal>
-#include <memory>
 #include <cstdlib>
+#include <memory>
 #include <optional>
 #include <string>
 #include <thread>

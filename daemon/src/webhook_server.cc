@@ -392,6 +392,12 @@ Status WebhookServer::Start() {
   m.server->set_keep_alive_max_count(m.options.keep_alive_max_requests);
   m.server->set_payload_max_length(m.options.limits.max_body_bytes);
   m.server->set_tcp_nodelay(true);
+  // httplib's default sets SO_REUSEPORT: a second webhook could then bind the same port and take
+  // half the reviews. SO_REUSEADDR only (a restart may rebind while old connections linger).
+  m.server->set_socket_options([](socket_t sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+  });
   m.Routes();
 
   std::string host = m.options.host;

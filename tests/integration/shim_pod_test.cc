@@ -468,8 +468,8 @@ TEST_F(ShimTest, HungMirrorDelaysNoOtherCall) {
   // hanging until the caller's deadline.
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << GrpcStatusText(status);
   EXPECT_THAT(status.error_message(),
-              HasSubstr("mirror " + (*hole)->host() + " skipped: probe http://" +
-                        (*hole)->host() + "/v2/ failed: no answer within "));
+              HasSubstr("mirror " + (*hole)->host() + " skipped: probe http://" + (*hole)->host() +
+                        "/v2/ failed: no answer within "));
   EXPECT_GE(pull_ms, 1900);
   EXPECT_LT(pull_ms, 5000);  // the 2 s probe timeout, plus a loaded (sanitizer) machine
   EXPECT_GE((*hole)->accepted(), 1u) << "the probe never reached the hung mirror\n" << DaemonLog();

@@ -1,5 +1,5 @@
-// ChannelKeeper (channel_keeper.h): a channel with a keeper connects and reconnects by itself,
-// without any call; the same channel without one stays idle.
+// ChannelKeeper (channel_keeper.h): poked, a channel connects and reconnects without any call;
+// unpoked, it is left alone (no work while healthy); without one a channel stays idle.
 #include "channel_keeper.h"
 
 #include <grpcpp/grpcpp.h>
@@ -66,16 +66,26 @@ TEST_F(ChannelKeeperTest, WithoutAKeeperAChannelStaysIdle) {
   EXPECT_FALSE(BecomesReady(*ch, 2s)) << "a fresh channel connects only when asked";
 }
 
-TEST_F(ChannelKeeperTest, ConnectsAndReconnectsWithoutCalls) {
+TEST_F(ChannelKeeperTest, UnpokedItLeavesTheChannelAlone) {
+  StartServer();
   auto ch = MakeUpstreamChannel(path_, 1 << 20);
   ChannelKeeper keeper(ch, 20ms);
-  StartServer();  // after the channel: its first attempts failed
+  EXPECT_FALSE(BecomesReady(*ch, 2s)) << "the keeper connected without being asked";
+}
+
+TEST_F(ChannelKeeperTest, PokedItConnectsAndReconnectsWithoutCalls) {
+  auto ch = MakeUpstreamChannel(path_, 1 << 20);
+  ChannelKeeper keeper(ch, 20ms);
+  keeper.Poke();  // before the server exists: its first attempts fail, it keeps at it
+  StartServer();
   ASSERT_TRUE(BecomesReady(*ch, 30s));
   // The server goes away and comes back (a containerd restart): connected again, no call made.
   StopServer();
   unlink(path_.c_str());
   ASSERT_TRUE(ch->WaitForStateChange(GRPC_CHANNEL_READY, std::chrono::system_clock::now() + 30s))
       << "the channel never noticed the server going away";
+  keeper.Poke();  // as the proxy does when a call fails UNAVAILABLE
+  keeper.Poke();  // repeated pokes are harmless
   StartServer();
   EXPECT_TRUE(BecomesReady(*ch, 30s));
 }
