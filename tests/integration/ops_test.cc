@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "fault_server.h"
 #include "shim_fixture.h"
 #include "testbed.h"
 
@@ -216,6 +217,44 @@ TEST_F(OpsTest, PullsAreCountedByOutcome) {
   EXPECT_GT(Value(m, "process_resident_memory_bytes"), 1 << 20);
   EXPECT_GT(Value(m, "process_open_fds"), 3);
   EXPECT_GT(Value(m, "process_threads"), 3);
+}
+
+// A mirror answering 500 to everything: its probe fails, its breaker opens, the pull falls back
+// to upstream, and the next pull skips it for the cooldown. All of it shows in the metrics.
+TEST_F(OpsTest, BrokenMirrorShowsInProbeBreakerAndSkipMetrics) {
+  using Behavior = FaultServer::Behavior;
+  FaultServer bad(Behavior::k500, Behavior::k500, 60s);
+  ASSERT_TRUE(bad.Start().ok());
+  const std::string repo = Repo({bed->upstream});
+  StartWithMetrics(
+      MirrorConfig({bad.host()}, NodeSection("  containerdHostsDir: " + bed->ctrd->certs_dir() +
+                                             "\n  mirrorCooldown: 60s\n")));
+  ASSERT_TRUE(Pull(repo, "default").ok()) << DaemonLog();
+  auto m = Scrape();
+  const std::string mirror = "mirror=\"" + bad.host() + "\"";
+  EXPECT_EQ(Value(m, "registry_proxy_mirror_probes_total{" + mirror + ",result=\"dead\"}"), 1)
+      << last_scrape_;
+  EXPECT_EQ(Value(m, "registry_proxy_mirror_breaker_open{" + mirror + "}"), 1);
+  EXPECT_EQ(Value(m, "registry_proxy_mirror_skipped_total{" + mirror + ",reason=\"probe_failed\"}"),
+            1);
+  EXPECT_EQ(Value(m,
+                  "registry_proxy_pulls_total{rule=\"docker.io\",mirror=\"\",outcome="
+                  "\"fallback\"}"),
+            1);
+  EXPECT_EQ(bad.PullRequests(), 0u) << "a dead mirror was handed to containerd";
+
+  // Within the cooldown: skipped without a probe.
+  ASSERT_TRUE(bed->ctrd->cri().RemoveImage("docker.io/" + repo + ":latest").ok());
+  ASSERT_TRUE(Pull(repo, "default").ok()) << DaemonLog();
+  m = Scrape();
+  EXPECT_EQ(Value(m, "registry_proxy_mirror_skipped_total{" + mirror + ",reason=\"cooldown\"}"), 1)
+      << last_scrape_;
+  EXPECT_EQ(Sum(m, {"registry_proxy_mirror_probes_total{" + mirror}), 1);
+  EXPECT_EQ(bad.ProbeRequests(), 1u);
+  EXPECT_EQ(Value(m,
+                  "registry_proxy_pulls_total{rule=\"docker.io\",mirror=\"\",outcome="
+                  "\"fallback\"}"),
+            2);
 }
 
 TEST_F(OpsTest, ReadyzFollowsContainerd) {
