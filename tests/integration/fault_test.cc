@@ -668,10 +668,7 @@ class WebhookFaultTest : public ::testing::Test {
 
   int Connect() {
     const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(uint16_t(port_));
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    sockaddr_in a = LoopbackAddress(port_);
     if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
       close(fd);
       return -1;
@@ -830,10 +827,7 @@ class Slowloris {
     std::vector<Conn> conns(static_cast<size_t>(n_));
     for (Conn& c : conns) {
       c.fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-      sockaddr_in a{};
-      a.sin_family = AF_INET;
-      a.sin_port = htons(uint16_t(port_));
-      a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      sockaddr_in a = LoopbackAddress(port_);
       connect(c.fd, reinterpret_cast<sockaddr*>(&a), sizeof a);  // EINPROGRESS
       c.ssl = SSL_new(ctx_);
       SSL_set_fd(c.ssl, c.fd);

@@ -11,6 +11,7 @@
 // to a closed port (127.0.0.1:9), unless a test maps it to one of its local registries.
 #pragma once
 
+#include <netinet/in.h>
 #include <sys/types.h>
 
 #include <atomic>
@@ -50,6 +51,9 @@ bool WaitFor(const std::function<bool()>& pred, std::chrono::milliseconds timeou
 // A free loopback TCP port right now (bind to 0, read it, close): a dead endpoint that
 // refuses connections, until someone else takes it.
 Result<int> PickFreePort();
+
+// 127.0.0.1:port, for connect(2).
+sockaddr_in LoopbackAddress(int port);
 
 // ---------------------------------------------------------------------------------------------
 

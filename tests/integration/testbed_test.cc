@@ -87,10 +87,7 @@ std::vector<std::string> Digests(const runtime::v1::Image& img) {
 
 bool ConnectRefused(int port) {
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  sockaddr_in addr = rp_testbed::LoopbackAddress(port);
   int rc = connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
   int err = errno;
   close(fd);

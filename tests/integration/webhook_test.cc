@@ -352,10 +352,7 @@ TEST_F(WebhookTest, SilentAndSlowClientsNeitherHangNorBlockOthers) {
   int fds[3];
   for (int& fd : fds) {
     fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(uint16_t(port_));
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    sockaddr_in a = rp_testbed::LoopbackAddress(port_);
     ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
   }
   const auto start = std::chrono::steady_clock::now();
