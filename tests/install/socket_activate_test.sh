@@ -19,7 +19,13 @@ trap cleanup EXIT
 
 cp "$config" "$tmp/config.yaml"
 # --listen names another path: the inherited socket must win.
-systemd-socket-activate -l "$tmp/rp.sock" -- "$bin" serve --config "$tmp/config.yaml" \
+# systemd-socket-activate passes the daemon only the variables named with -E: keep the
+# sanitizers' settings (TSan's suppressions for Debian's uninstrumented gRPC and abseil).
+env_args=()
+for v in TSAN_OPTIONS ASAN_OPTIONS UBSAN_OPTIONS LSAN_OPTIONS; do
+  if [ -n "${!v:-}" ]; then env_args+=(-E "$v"); fi
+done
+systemd-socket-activate "${env_args[@]}" -l "$tmp/rp.sock" -- "$bin" serve --config "$tmp/config.yaml" \
   --listen "unix://$tmp/not-this.sock" --upstream "unix://$tmp/no-containerd.sock" --grace 1 \
   >"$tmp/log" 2>&1 &
 pid=$!  # systemd-socket-activate execs the daemon: the same PID
