@@ -314,3 +314,28 @@ void OpsServer::Stop() {
 }
 
 }  // namespace registry_proxy
+
+namespace registry_proxy {
+
+Readiness ConfigReadiness(const ConfigStore& store, bool stopping) {
+  if (stopping) return {false, "shutting down"};
+  if (!store.HasGoodConfig()) {
+    return {false, "no good config loaded from " + store.path() + ": " + store.Stats().last_error};
+  }
+  return {true, ""};
+}
+
+std::unique_ptr<OpsServer> StartOpsServerOrLog(const OpsServerOptions& options,
+                                               const metrics::Registry* registry,
+                                               std::function<Readiness()> ready) {
+  auto ops = std::make_unique<OpsServer>(options, registry, std::move(ready));
+  if (Status s = ops->Start(); !s.ok()) {
+    spdlog::error("no metrics endpoint: {}", s.message());
+    return nullptr;
+  }
+  spdlog::info("metrics and probes on http://{}:{} (/metrics, /healthz, /readyz)", options.host,
+               ops->port());
+  return ops;
+}
+
+}  // namespace registry_proxy

@@ -57,6 +57,16 @@ void AddBuildInfo(metrics::Registry* registry);
 void AddProcessMetrics(metrics::Registry* registry);
 void AddConfigMetrics(metrics::Registry* registry, const ConfigStore* store);
 
+// What both commands' /readyz require first: not stopping, and a good config loaded.
+Readiness ConfigReadiness(const ConfigStore& store, bool stopping);
+
+class OpsServer;
+// Starts an OpsServer on `options`; on failure logs why and returns null (metrics are never a
+// reason not to serve).
+std::unique_ptr<OpsServer> StartOpsServerOrLog(const OpsServerOptions& options,
+                                               const metrics::Registry* registry,
+                                               std::function<Readiness()> ready);
+
 class OpsServer {
  public:
   // `registry` must outlive the server. `ready` is called on a worker thread for every

@@ -194,23 +194,13 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
     if (Status s = ParseHostPort(metrics_address, &ops_options.host, &ops_options.port); !s.ok()) {
       spdlog::error("metrics address {}; no metrics endpoint", s.message());
     } else {
-      ops = std::make_unique<OpsServer>(ops_options, &registry, [&]() -> Readiness {
-        if (stopping.load()) return {false, "shutting down"};
-        if (!store.HasGoodConfig()) {
-          return {false,
-                  "no good config loaded from " + store.path() + ": " + store.Stats().last_error};
-        }
-        Readiness r = upstream_check.Check();
+      ops = StartOpsServerOrLog(ops_options, &registry, [&] {
+        Readiness r = ConfigReadiness(store, stopping.load());
+        if (!r.ready) return r;
+        r = upstream_check.Check();
         if (!r.ready) keeper.Poke();
         return r;
       });
-      if (Status st = ops->Start(); !st.ok()) {
-        spdlog::error("no metrics endpoint: {}", st.message());
-        ops.reset();
-      } else {
-        spdlog::info("metrics and probes on http://{}:{} (/metrics, /healthz, /readyz)",
-                     ops_options.host, ops->port());
-      }
     }
   }
   spdlog::info("registry-proxy serving {} -> {} (config {}, {})", proxy.socket_path(),

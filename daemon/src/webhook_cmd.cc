@@ -167,21 +167,9 @@ int CmdWebhook(const std::vector<std::string>& argv, std::ostream& out, std::ost
   std::atomic<bool> stopping{false};
   std::unique_ptr<OpsServer> ops;
   if (!metrics_address.empty()) {
-    ops = std::make_unique<OpsServer>(ops_options, &registry, [&]() -> Readiness {
-      if (stopping.load()) return {false, "shutting down"};
-      if (!store.HasGoodConfig()) {
-        return {false,
-                "no good config loaded from " + store.path() + ": " + store.Stats().last_error};
-      }
-      return {true, ""};  // and serving TLS: the server started, or we would have exited
-    });
-    if (Status s = ops->Start(); !s.ok()) {
-      spdlog::error("no metrics endpoint: {}", s.message());
-      ops.reset();
-    } else {
-      spdlog::info("metrics and probes on http://{}:{} (/metrics, /healthz, /readyz)",
-                   ops_options.host, ops->port());
-    }
+    // Ready also means serving TLS: the server started, or we would have exited.
+    ops = StartOpsServerOrLog(ops_options, &registry,
+                              [&] { return ConfigReadiness(store, stopping.load()); });
   }
   spdlog::info("registry-proxy webhook serving https://{}:{} (config {}, {})",
                opts.host.empty() ? "*" : opts.host, server.port(), store.path(),
