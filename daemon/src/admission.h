@@ -28,6 +28,8 @@
 
 #include "config.h"
 
+#include "string_util.h"
+
 namespace registry_proxy {
 
 inline constexpr char kImagesAnnotation[] = "registry-proxy.io/images";
@@ -65,7 +67,5 @@ int JsonDepth(std::string_view text, int limit);
 
 // RFC 6901: "~" -> "~0", "/" -> "~1".
 std::string EscapeJsonPointer(std::string_view token);
-
-std::string Base64Encode(std::string_view bytes);
 
 }  // namespace registry_proxy

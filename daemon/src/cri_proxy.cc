@@ -18,89 +18,17 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cri_methods.h"
+
 namespace registry_proxy {
 namespace {
 
-// How the core treats a method.
-enum class Kind {
-  kUnary,   // a CRI method known to be unary: one request, one response
-  kStream,  // anything else, known streaming or unknown: pumped both ways, message by message
-  kPull,    // PullImage: handed to the interceptor on a worker
-  kStatus,  // ImageStatus: forwarded; a miss may be handed to the interceptor
-};
-
-struct MethodInfo {
-  Kind kind;
-  CriVersion version;
-};
-
-// CRI methods with one request and one response, in runtime.v1 and runtime.v1alpha2.
-// A method missing here (a future one, or a streaming one such as GetContainerEvents) is
-// pumped as a stream, which is correct for every shape, just a little slower.
-const std::unordered_map<std::string, MethodInfo>& Methods() {
-  static const auto* kMethods = [] {
-    auto* m = new std::unordered_map<std::string, MethodInfo>();
-    const char* runtime_unary[] = {"Version",
-                                   "RunPodSandbox",
-                                   "StopPodSandbox",
-                                   "RemovePodSandbox",
-                                   "PodSandboxStatus",
-                                   "ListPodSandbox",
-                                   "CreateContainer",
-                                   "StartContainer",
-                                   "StopContainer",
-                                   "RemoveContainer",
-                                   "ListContainers",
-                                   "ContainerStatus",
-                                   "UpdateContainerResources",
-                                   "ReopenContainerLog",
-                                   "ExecSync",
-                                   "Exec",
-                                   "Attach",
-                                   "PortForward",
-                                   "ContainerStats",
-                                   "ListContainerStats",
-                                   "PodSandboxStats",
-                                   "ListPodSandboxStats",
-                                   "UpdateRuntimeConfig",
-                                   "Status",
-                                   "CheckpointContainer",
-                                   "ListMetricDescriptors",
-                                   "ListPodSandboxMetrics",
-                                   "RuntimeConfig",
-                                   "UpdatePodSandboxResources"};
-    const char* image_unary[] = {"ListImages", "RemoveImage", "ImageFsInfo"};
-    for (auto [pkg, version] : {std::pair{"runtime.v1", CriVersion::kV1},
-                                std::pair{"runtime.v1alpha2", CriVersion::kV1alpha2}}) {
-      std::string runtime = std::string("/") + pkg + ".RuntimeService/";
-      std::string image = std::string("/") + pkg + ".ImageService/";
-      for (const char* name : runtime_unary) (*m)[runtime + name] = {Kind::kUnary, version};
-      for (const char* name : image_unary) (*m)[image + name] = {Kind::kUnary, version};
-      (*m)[image + "PullImage"] = {Kind::kPull, version};
-      (*m)[image + "ImageStatus"] = {Kind::kStatus, version};
-    }
-    return m;
-  }();
-  return *kMethods;
-}
-
-MethodInfo Classify(const std::string& method, bool intercept) {
-  auto it = Methods().find(method);
-  if (it == Methods().end()) return {Kind::kStream, CriVersion::kV1};
-  MethodInfo info = it->second;
-  if (!intercept && (info.kind == Kind::kPull || info.kind == Kind::kStatus)) {
-    info.kind = Kind::kUnary;
-  }
-  return info;
-}
+using Kind = CallKind;
 
 // Headers gRPC manages itself (and HTTP/2 pseudo-headers) are not copied from one call to
 // the other; everything else is.
 bool Forwardable(grpc::string_ref key) {
-  std::string_view k(key.data(), key.size());
-  if (k.empty() || k[0] == ':') return false;
-  if (k.substr(0, 5) == "grpc-") return false;
-  return k != "content-type" && k != "te" && k != "user-agent" && k != "host";
+  return ForwardableMetadata(std::string_view(key.data(), key.size()));
 }
 
 std::string ToString(const grpc::ByteBuffer& bb) {
@@ -112,49 +40,12 @@ std::string ToString(const grpc::ByteBuffer& bb) {
   return out;
 }
 
-// Whether a serialized message has top-level field 1, length-delimited, in one slice:
-// 1 = yes, 0 = no, -1 = cannot tell (more than one slice, or not well-formed protobuf). For an
-// ImageStatusResponse, field 1 is `image`: present means a hit, which is never recovered, so
-// the interceptor is not asked (that would copy both messages and parse the response).
+// HasLengthDelimitedField1 of a message in one slice; -1 (cannot tell) for more than one.
 int HasLengthDelimitedField1(const grpc::ByteBuffer& bb) {
   grpc::Slice slice;
   if (!bb.TrySingleSlice(&slice).ok()) return -1;
-  const uint8_t* p = slice.begin();
-  const uint8_t* end = slice.end();
-  auto varint = [&](uint64_t* v) {
-    *v = 0;
-    for (int shift = 0; shift < 64 && p < end; shift += 7) {
-      uint8_t b = *p++;
-      *v |= static_cast<uint64_t>(b & 0x7f) << shift;
-      if (!(b & 0x80)) return true;
-    }
-    return false;
-  };
-  while (p < end) {
-    uint64_t key, v;
-    if (!varint(&key) || (key >> 3) == 0) return -1;
-    switch (key & 7) {
-      case 0:  // varint
-        if (!varint(&v)) return -1;
-        break;
-      case 1:  // fixed64
-        if (end - p < 8) return -1;
-        p += 8;
-        break;
-      case 2:  // length-delimited
-        if (!varint(&v) || v > static_cast<uint64_t>(end - p)) return -1;
-        if ((key >> 3) == 1) return 1;
-        p += v;
-        break;
-      case 5:  // fixed32
-        if (end - p < 4) return -1;
-        p += 4;
-        break;
-      default:  // groups (unused by the CRI) and invalid wire types
-        return -1;
-    }
-  }
-  return 0;
+  return registry_proxy::HasLengthDelimitedField1(
+      std::string_view(reinterpret_cast<const char*>(slice.begin()), slice.size()));
 }
 
 grpc::ByteBuffer ToByteBuffer(const std::string& s) {
@@ -211,7 +102,7 @@ class CriProxy::Call {
     ++ops_;  // the done tag, delivered once the call ends
     if (!proxy_->shutting_down_.load()) proxy_->RequestNewCall();
 
-    info_ = Classify(sctx_.method(), proxy_->interceptor_ != nullptr);
+    info_ = ClassifyMethod(sctx_.method(), proxy_->interceptor_ != nullptr);
     if (proxy_->refusing_.load()) {
       // Arrived on an open connection after the drain: a clear, retryable answer rather than
       // the CANCELLED the server's shutdown would give it.
@@ -528,6 +419,8 @@ bool SocketAnswers(const std::string& path) {
   return answers;
 }
 
+}  // namespace
+
 Status PrepareSocketPath(const std::string& path) {
   namespace fs = std::filesystem;
   fs::path dir = fs::path(path).parent_path();
@@ -556,8 +449,6 @@ Status PrepareSocketPath(const std::string& path) {
   }
   return Status::Ok();
 }
-
-}  // namespace
 
 CriProxy::CriProxy(ProxyOptions options, std::shared_ptr<grpc::Channel> upstream,
                    ImageInterceptor* interceptor, CallObserver* observer)

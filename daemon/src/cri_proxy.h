@@ -25,69 +25,32 @@
 #include <string_view>
 #include <thread>
 
+#include "cri_server.h"
 #include "interceptor.h"
 #include "status.h"
 
 namespace registry_proxy {
-
-// Told about every finished call (metrics, logs). Called on the completion-queue thread:
-// must be cheap and must not block.
-class CallObserver {
- public:
-  virtual ~CallObserver() = default;
-  virtual void OnCallDone(std::string_view method, grpc::StatusCode code,
-                          std::chrono::nanoseconds duration) = 0;
-};
-
-struct ProxyOptions {
-  // "unix:///run/registry-proxy/registry-proxy.sock" (or an absolute path).
-  std::string listen;
-  // "unix:///run/containerd/containerd.sock" (or an absolute path).
-  std::string upstream;
-  // Largest message accepted in either direction. containerd and kubelet use 16 MiB; ours is
-  // larger so that the limits users meet are theirs, never the proxy's.
-  int max_message_bytes = 64 << 20;
-  // Calls the server keeps requested at once (how many new calls can arrive between two
-  // turns of the completion-queue loop).
-  int request_slots = 64;
-  // Pull and status-repair workers at once; beyond this a call gets RESOURCE_EXHAUSTED.
-  int max_workers = 512;
-  // A listening unix socket inherited from systemd (socket activation: registry-proxy.socket)
-  // to serve instead of binding `listen`. Connections are accepted on it and handed to gRPC.
-  // Not owned, never closed or unlinked: connections made while the daemon restarts wait in
-  // its backlog for the next daemon. -1: bind `listen`.
-  int listen_fd = -1;
-};
-
-// Parses "unix:///abs/path" or "/abs/path" into the path; error otherwise.
-Result<std::string> UnixSocketPath(std::string_view endpoint);
 
 // A channel to the upstream CRI socket, tuned for a local peer that restarts: reconnect
 // within a second, not gRPC's default two minutes.
 std::shared_ptr<grpc::Channel> MakeUpstreamChannel(const std::string& endpoint,
                                                    int max_message_bytes);
 
-class CriProxy {
+class CriProxy final : public CriServer {
  public:
   // `interceptor` and `observer` may be null (then everything is forwarded untouched).
   // Neither is owned; both must outlive the proxy.
   CriProxy(ProxyOptions options, std::shared_ptr<grpc::Channel> upstream,
            ImageInterceptor* interceptor, CallObserver* observer);
-  ~CriProxy();  // Shutdown() with no grace
+  ~CriProxy() override;  // Shutdown() with no grace
   CriProxy(const CriProxy&) = delete;
   CriProxy& operator=(const CriProxy&) = delete;
 
-  // Prepares the socket (directory 0700 if created, socket 0660; a stale socket is replaced
-  // only if nobody answers on it), binds and starts serving.
-  Status Start();
+  Status Start() override;
+  void Shutdown(std::chrono::milliseconds grace) override;
 
-  // Removes the socket (no new connections), lets the calls in flight finish until `grace`
-  // has passed (idle connections do not hold it up), cancels the rest, and waits for every
-  // call and worker to end. Idempotent.
-  void Shutdown(std::chrono::milliseconds grace);
-
-  const std::string& socket_path() const { return socket_path_; }
-  int in_flight() const { return active_calls_.load(); }
+  const std::string& socket_path() const override { return socket_path_; }
+  int in_flight() const override { return active_calls_.load(); }
 
  private:
   class Call;

@@ -16,6 +16,7 @@
 #include "config_store.h"
 #include "cri_proxy.h"
 #include "grpc_status.h"
+#include "h2_relay.h"
 #include "logging.h"
 #include "node_metrics.h"
 #include "ops_server.h"
@@ -31,6 +32,7 @@ namespace {
 constexpr char kServeHelp[] =
     R"(Usage: registry-proxy serve [--config FILE] [--listen ENDPOINT] [--upstream ENDPOINT]
                             [--grace SECONDS] [--metrics-address HOST:PORT]
+                            [--engine relay|grpc]
                             [--log-level LEVEL] [--log-format text|json]
 
 Serves the CRI (runtime.v1 and runtime.v1alpha2, ImageService and RuntimeService) on a unix
@@ -47,6 +49,9 @@ if upstream had served it.
       --metrics-address HOST:PORT
                         plain HTTP GET /metrics (Prometheus), /healthz, /readyz (default:
                         node.metricsAddress, 127.0.0.1:9464; "" turns it off)
+      --engine E        relay (default): relays HTTP/2 frames, decoding only PullImage and
+                        ImageStatus; grpc: terminates every call with gRPC (slower; kept
+                        as a fallback)
       --log-level L     trace, debug, info (default), warn, error, critical, off
       --log-format F    text (default) or json (one JSON object per line)
 
@@ -85,6 +90,7 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
                          {"--upstream", ""},
                          {"--grace", ""},
                          {"--metrics-address", ""},
+                         {"--engine", ""},
                          {"--log-level", ""},
                          {"--log-format", ""},
                          {"--help", "-h", false}},
@@ -107,6 +113,10 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
     if (Status s = ParseHostPort(*a, &host, &port); !s.ok()) {
       return err << "--metrics-address " << s.message() << "\n", 2;
     }
+  }
+  const std::string engine = args->Get("--engine").value_or("relay");
+  if (engine != "relay" && engine != "grpc") {
+    return err << "--engine wants relay or grpc, got '" << engine << "'\n", 2;
   }
   LogOptions log_options;
   if (auto e = ParseLogFlags(*args, &log_options)) return err << *e << "\n", 2;
@@ -169,8 +179,13 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
   // 4. Serve.
   LogCalls log_calls(&node_metrics, &keeper);
   InFlightPulls counted_pulls(&pulls, &node_metrics.pulls_in_flight());
-  CriProxy proxy(popts, channel, &counted_pulls, &log_calls);
-  if (Status s = proxy.Start(); !s.ok()) {
+  std::unique_ptr<CriServer> proxy;
+  if (engine == "grpc") {
+    proxy = std::make_unique<CriProxy>(popts, channel, &counted_pulls, &log_calls);
+  } else {
+    proxy = std::make_unique<H2Relay>(popts, &counted_pulls, &log_calls);
+  }
+  if (Status s = proxy->Start(); !s.ok()) {
     spdlog::critical("cannot serve: {}", s.message());
     return 1;
   }
@@ -203,10 +218,10 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
       });
     }
   }
-  spdlog::info("registry-proxy serving {} -> {} (config {}, {})", proxy.socket_path(),
-               popts.upstream, store.path(),
+  spdlog::info("registry-proxy serving {} -> {} (engine {}, config {}, {})", proxy->socket_path(),
+               popts.upstream, engine, store.path(),
                store.HasGoodConfig() ? "loaded" : "none: passthrough");
-  SdNotify("READY=1\nSTATUS=serving " + proxy.socket_path());
+  SdNotify("READY=1\nSTATUS=serving " + proxy->socket_path());
 
   // 6. Run until told to stop; SIGHUP reloads.
   int sig;
@@ -221,7 +236,7 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
   SdNotify("STOPPING=1");
   stopping.store(true);
   watcher.Stop();
-  proxy.Shutdown(std::chrono::seconds(grace_s));
+  proxy->Shutdown(std::chrono::seconds(grace_s));
   if (ops) ops->Stop();
   spdlog::info("stopped");
   return 0;

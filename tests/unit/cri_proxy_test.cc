@@ -1,7 +1,9 @@
-// The proxy core against a scripted upstream gRPC server on a unix socket: every shape of
-// call, metadata, deadlines, status details, cancellation, interception, upstream restarts.
+// Both serving engines (H2Relay: HTTP/2 frames; CriProxy: gRPC) against a scripted upstream
+// gRPC server on a unix socket: every shape of call, metadata, deadlines, status details,
+// cancellation, interception, upstream restarts. Every case runs against each engine.
 // (The end-to-end tests against a real containerd are in tests/integration.)
 #include "cri_proxy.h"
+#include "h2_relay.h"
 
 #include <gmock/gmock.h>
 #include <grpcpp/generic/async_generic_service.h>
@@ -184,6 +186,22 @@ class FakeUpstream {
   std::unique_ptr<grpc::Server> server_;
 };
 
+// Every finished call, as the metrics see them.
+class RecordingObserver : public CallObserver {
+ public:
+  void OnCallDone(std::string_view method, grpc::StatusCode code,
+                  std::chrono::nanoseconds) override {
+    std::lock_guard<std::mutex> lock(mu);
+    calls.emplace_back(std::string(method), code);
+  }
+  std::vector<std::pair<std::string, grpc::StatusCode>> Calls() {
+    std::lock_guard<std::mutex> lock(mu);
+    return calls;
+  }
+  std::mutex mu;
+  std::vector<std::pair<std::string, grpc::StatusCode>> calls;
+};
+
 // Intercepts pulls and status misses, scripted by the test.
 class FakeInterceptor : public ImageInterceptor {
  public:
@@ -228,7 +246,16 @@ class FakeInterceptor : public ImageInterceptor {
   std::vector<std::pair<std::string, std::string>> last_metadata;
 };
 
-class ProxyTest : public ::testing::Test {
+enum class Engine { kRelay, kGrpc };
+
+std::unique_ptr<CriServer> MakeServer(Engine e, const ProxyOptions& o, ImageInterceptor* icpt,
+                                      CallObserver* observer = nullptr) {
+  if (e == Engine::kRelay) return std::make_unique<H2Relay>(o, icpt, observer);
+  return std::make_unique<CriProxy>(o, MakeUpstreamChannel(o.upstream, o.max_message_bytes), icpt,
+                                    observer);
+}
+
+class ProxyTest : public ::testing::TestWithParam<Engine> {
  protected:
   void SetUp() override {
     std::string tmpl = (fs::temp_directory_path() / "rp-proxy-XXXXXX").string();
@@ -247,8 +274,7 @@ class ProxyTest : public ::testing::Test {
     ProxyOptions o;
     o.listen = "unix://" + listen_path_;
     o.upstream = "unix://" + upstream_path_;
-    proxy_ = std::make_unique<CriProxy>(o, MakeUpstreamChannel(o.upstream, o.max_message_bytes),
-                                        interceptor, nullptr);
+    proxy_ = MakeServer(GetParam(), o, interceptor, &observer_);
     Status s = proxy_->Start();
     ASSERT_TRUE(s.ok()) << s.message();
     grpc::ChannelArguments args;
@@ -287,11 +313,12 @@ class ProxyTest : public ::testing::Test {
   std::string upstream_path_, listen_path_;
   std::unique_ptr<FakeUpstream> upstream_;
   FakeInterceptor icpt_;  // declared before proxy_: it must outlive the proxy
-  std::unique_ptr<CriProxy> proxy_;
+  RecordingObserver observer_;  // declared before proxy_: it must outlive the proxy
+  std::unique_ptr<CriServer> proxy_;
   std::shared_ptr<grpc::Channel> channel_;
 };
 
-TEST_F(ProxyTest, UnaryPassthroughKeepsBytesAndMetadata) {
+TEST_P(ProxyTest, UnaryPassthroughKeepsBytesAndMetadata) {
   StartProxy();
   for (const char* method : {"/runtime.v1.RuntimeService/Version", "/test.Echo/Unary"}) {
     std::string body(
@@ -306,7 +333,7 @@ TEST_F(ProxyTest, UnaryPassthroughKeepsBytesAndMetadata) {
   }
 }
 
-TEST_F(ProxyTest, ErrorsPassUnchanged) {
+TEST_P(ProxyTest, ErrorsPassUnchanged) {
   StartProxy();
   for (const char* method : {"/runtime.v1.RuntimeService/Version", "/test.Echo/Unary"}) {
     Reply r = Unary(method, "x", {{"x-in", "v"}, {"x-fail", "5"}});
@@ -317,7 +344,7 @@ TEST_F(ProxyTest, ErrorsPassUnchanged) {
   }
 }
 
-TEST_F(ProxyTest, DeadlinePropagates) {
+TEST_P(ProxyTest, DeadlinePropagates) {
   StartProxy();
   Reply r = Unary("/test.Echo/Deadline", "", {}, 5s);
   ASSERT_TRUE(r.status.ok()) << r.status.error_message();
@@ -326,7 +353,7 @@ TEST_F(ProxyTest, DeadlinePropagates) {
   EXPECT_LE(left, 5100);  // grpc-timeout rounds up to its unit
 }
 
-TEST_F(ProxyTest, ServerStreamingPassthrough) {
+TEST_P(ProxyTest, ServerStreamingPassthrough) {
   StartProxy();
   grpc::GenericStub stub(channel_);
   grpc::CompletionQueue cq;
@@ -358,7 +385,7 @@ TEST_F(ProxyTest, ServerStreamingPassthrough) {
   EXPECT_EQ(got.back(), "ev49");
 }
 
-TEST_F(ProxyTest, UnknownMethodIsPumpedBothWays) {
+TEST_P(ProxyTest, UnknownMethodIsPumpedBothWays) {
   StartProxy();
   grpc::GenericStub stub(channel_);
   grpc::CompletionQueue cq;
@@ -388,7 +415,7 @@ TEST_F(ProxyTest, UnknownMethodIsPumpedBothWays) {
   EXPECT_TRUE(status.ok()) << status.error_message();
 }
 
-TEST_F(ProxyTest, CancellationReachesUpstream) {
+TEST_P(ProxyTest, CancellationReachesUpstream) {
   StartProxy();
   for (const char* method : {"/test.Echo/Hang"}) {
     Reply r = Unary(method, "x", {}, 300ms);
@@ -400,7 +427,7 @@ TEST_F(ProxyTest, CancellationReachesUpstream) {
   EXPECT_GE(upstream_->cancelled.load(), 1);
 }
 
-TEST_F(ProxyTest, PullIsInterceptedAndNeverBlocksOtherCalls) {
+TEST_P(ProxyTest, PullIsInterceptedAndNeverBlocksOtherCalls) {
   FakeInterceptor& icpt = icpt_;
   icpt.block_pulls = true;
   StartProxy(&icpt);
@@ -428,7 +455,7 @@ TEST_F(ProxyTest, PullIsInterceptedAndNeverBlocksOtherCalls) {
   EXPECT_TRUE(saw_md);
 }
 
-TEST_F(ProxyTest, PullResultAndVersions) {
+TEST_P(ProxyTest, PullResultAndVersions) {
   FakeInterceptor& icpt = icpt_;
   StartProxy(&icpt);
   Reply r = Unary("/runtime.v1alpha2.ImageService/PullImage", "abc");
@@ -440,7 +467,7 @@ TEST_F(ProxyTest, PullResultAndVersions) {
   EXPECT_EQ(icpt.Version(), CriVersion::kV1);
 }
 
-TEST_F(ProxyTest, StatusMissIsRecoveredHitPassesThrough) {
+TEST_P(ProxyTest, StatusMissIsRecoveredHitPassesThrough) {
   FakeInterceptor& icpt = icpt_;
   StartProxy(&icpt);
   // The fake upstream echoes the request: "miss" comes back as the response.
@@ -451,7 +478,7 @@ TEST_F(ProxyTest, StatusMissIsRecoveredHitPassesThrough) {
   EXPECT_EQ(icpt.recovered.load(), 1);
 }
 
-TEST_F(ProxyTest, StatusWithAnImageIsAHitTheInterceptorIsNotAsked) {
+TEST_P(ProxyTest, StatusWithAnImageIsAHitTheInterceptorIsNotAsked) {
   StartProxy(&icpt_);
   // ImageStatusResponse{image: {id: "abc"}}: field 1 present, a hit. The proxy sees that on
   // the wire and forwards it without copying and parsing it for the interceptor.
@@ -472,14 +499,14 @@ TEST_F(ProxyTest, StatusWithAnImageIsAHitTheInterceptorIsNotAsked) {
   EXPECT_EQ(icpt_.recovered.load(), 0);
 }
 
-TEST_F(ProxyTest, WithoutInterceptorPullIsForwarded) {
+TEST_P(ProxyTest, WithoutInterceptorPullIsForwarded) {
   StartProxy(nullptr);
   Reply r = Unary("/runtime.v1.ImageService/PullImage", "abc");
   ASSERT_TRUE(r.status.ok());
   EXPECT_EQ(r.body, "abc");
 }
 
-TEST_F(ProxyTest, UpstreamDownFailsFastAndRecovers) {
+TEST_P(ProxyTest, UpstreamDownFailsFastAndRecovers) {
   StartProxy();
   ASSERT_TRUE(Unary("/test.Echo/Unary", "a").status.ok());
   upstream_->Stop();
@@ -497,7 +524,7 @@ TEST_F(ProxyTest, UpstreamDownFailsFastAndRecovers) {
   EXPECT_TRUE(last.ok()) << last.error_message();
 }
 
-TEST_F(ProxyTest, ConcurrentCallsFromManyThreads) {
+TEST_P(ProxyTest, ConcurrentCallsFromManyThreads) {
   StartProxy();
   std::vector<std::thread> threads;
   std::atomic<int> ok{0};
@@ -514,7 +541,7 @@ TEST_F(ProxyTest, ConcurrentCallsFromManyThreads) {
   EXPECT_EQ(ok.load(), 16 * 50);
 }
 
-TEST_F(ProxyTest, LargeMessages) {
+TEST_P(ProxyTest, LargeMessages) {
   upstream_->Stop();
   upstream_ = std::make_unique<FakeUpstream>(upstream_path_, 64 << 20);
   StartProxy();
@@ -526,14 +553,14 @@ TEST_F(ProxyTest, LargeMessages) {
   EXPECT_EQ(r.body, big);
 }
 
-TEST_F(ProxyTest, UpstreamLimitErrorComesBackUnchanged) {
+TEST_P(ProxyTest, UpstreamLimitErrorComesBackUnchanged) {
   StartProxy();  // the fake upstream keeps gRPC's default 4 MiB limit
   Reply r = Unary("/test.Echo/Unary", std::string(6 << 20, 'x'), {}, 5s);
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
   EXPECT_THAT(r.status.error_message(), HasSubstr("larger than max"));
 }
 
-TEST_F(ProxyTest, SocketModesAndStaleSocket) {
+TEST_P(ProxyTest, SocketModesAndStaleSocket) {
   StartProxy();
   struct stat st {};
   ASSERT_EQ(stat(listen_path_.c_str(), &st), 0);
@@ -545,8 +572,8 @@ TEST_F(ProxyTest, SocketModesAndStaleSocket) {
   ProxyOptions o;
   o.listen = listen_path_;
   o.upstream = upstream_path_;
-  CriProxy second(o, MakeUpstreamChannel(o.upstream, o.max_message_bytes), nullptr, nullptr);
-  Status s = second.Start();
+  auto second = MakeServer(GetParam(), o, nullptr);
+  Status s = second->Start();
   ASSERT_FALSE(s.ok());
   EXPECT_THAT(s.message(), HasSubstr("in use"));
 
@@ -567,19 +594,19 @@ TEST_F(ProxyTest, SocketModesAndStaleSocket) {
   EXPECT_TRUE(Unary("/test.Echo/Unary", "again").status.ok());
 }
 
-TEST_F(ProxyTest, RefusesToReplaceANonSocket) {
+TEST_P(ProxyTest, RefusesToReplaceANonSocket) {
   fs::create_directories(fs::path(listen_path_).parent_path());
   { std::ofstream(listen_path_) << "precious"; }
   ProxyOptions o;
   o.listen = listen_path_;
   o.upstream = upstream_path_;
-  CriProxy p(o, MakeUpstreamChannel(o.upstream, o.max_message_bytes), nullptr, nullptr);
-  Status s = p.Start();
+  auto p = MakeServer(GetParam(), o, nullptr);
+  Status s = p->Start();
   ASSERT_FALSE(s.ok());
   EXPECT_THAT(s.message(), HasSubstr("not a socket"));
 }
 
-TEST_F(ProxyTest, GracefulShutdownLetsInFlightCallsFinish) {
+TEST_P(ProxyTest, GracefulShutdownLetsInFlightCallsFinish) {
   FakeInterceptor& icpt = icpt_;
   icpt.block_pulls = true;
   StartProxy(&icpt);
@@ -596,13 +623,18 @@ TEST_F(ProxyTest, GracefulShutdownLetsInFlightCallsFinish) {
   EXPECT_FALSE(fs::exists(listen_path_));
 }
 
-TEST_F(ProxyTest, IdleConnectionsDoNotHoldUpShutdown) {
+TEST_P(ProxyTest, IdleConnectionsDoNotHoldUpShutdown) {
   StartProxy();
   ASSERT_TRUE(Unary("/test.Echo/Unary", "x").status.ok());  // channel_ stays connected
   auto start = std::chrono::steady_clock::now();
   proxy_->Shutdown(10s);
   EXPECT_LT(std::chrono::steady_clock::now() - start, 1s);
 }
+
+INSTANTIATE_TEST_SUITE_P(Engines, ProxyTest, ::testing::Values(Engine::kRelay, Engine::kGrpc),
+                         [](const ::testing::TestParamInfo<Engine>& info) {
+                           return info.param == Engine::kRelay ? "relay" : "grpc";
+                         });
 
 TEST(UnixSocketPathTest, Parse) {
   EXPECT_EQ(UnixSocketPath("unix:///run/x.sock").value(), "/run/x.sock");
