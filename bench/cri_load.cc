@@ -18,6 +18,8 @@
 //   cri_load [--smoke] [--rounds N] [--round-seconds S] [--max-calls N] [--concurrency 1,16,64]
 //            [--pulls N] [--daemon PATH] [--max-seconds S] [--only Version,ListImages-10,...]
 //            [--baseline PATH]   a second daemon binary, as target "base" (before/after)
+//            [--baseline-args "ARGS"]  extra serve flags for "base" (e.g. "--engine grpc": the
+//                                gRPC engine beside the relay, same binary, same run)
 //            [--wrap "CMD ARGS"] run the daemon under CMD (e.g. valgrind --tool=callgrind)
 //
 // Bounded: every round stops after --round-seconds or --max-calls, every call has a deadline,
@@ -70,6 +72,7 @@ struct Options {
   int pulls = 3;  // per target per round
   std::string daemon = RP_BINARY;
   std::string baseline;           // a second registry-proxy binary to compare with (before/after)
+  std::vector<std::string> baseline_args;  // extra serve flags for it
   std::vector<std::string> wrap;  // a command the daemon runs under (valgrind --tool=callgrind)
   double max_seconds = 280;
   std::vector<std::string> only;  // workload names to run (prefixes); empty = all
@@ -343,7 +346,7 @@ int Usage(const std::string& why) {
       << "cri_load: " << why
       << "\nusage: cri_load [--smoke] [--rounds N] [--round-seconds S] [--max-calls N]\n"
          "                [--concurrency 1,16,64] [--pulls N] [--daemon PATH] "
-         "[--max-seconds S]\n                [--baseline PATH] [--wrap \"CMD ARGS\"]\n             "
+         "[--max-seconds S]\n                [--baseline PATH] [--baseline-args \"ARGS\"] [--wrap \"CMD ARGS\"]\n             "
          "   [--only WORKLOAD,...]  (Version, ImageStatus-hit, "
          "ImageStatus-miss, pump-ctrdVersion,\n                ListImages-10, ListImages-500, "
          "PullImage; a prefix selects several)\n";
@@ -390,6 +393,9 @@ int main(int argc, char** argv) {
       std::stringstream ss(next());
       for (std::string item; std::getline(ss, item, ',');) o.only.push_back(item);
       if (o.only.empty()) return Usage("--only wants workload names, e.g. Version,ImageStatus");
+    } else if (a == "--baseline-args") {
+      std::istringstream words(next());
+      for (std::string w; words >> w;) o.baseline_args.push_back(w);
     } else if (a == "--baseline") {
       o.baseline = next();
       if (access(o.baseline.c_str(), X_OK) != 0) return Usage("--baseline: no program there");
@@ -467,6 +473,7 @@ int main(int argc, char** argv) {
           std::string("1")}) {
       argv.push_back(a);
     }
+    if (proc == &base) argv.insert(argv.end(), o.baseline_args.begin(), o.baseline_args.end());
     if (Status s = proc->Spawn(argv, dir + log); !s.ok()) {
       return std::cerr << bin << ": " << s.message() << "\n", 3;
     }
@@ -520,8 +527,10 @@ int main(int argc, char** argv) {
   std::printf("== cri_load: containerd %s (pid %d), registry-proxy pid %d, socat pid %d\n",
               ctrd->endpoint().c_str(), ctrd->pid(), daemon.pid(), socat.pid());
   if (!o.baseline.empty()) {
-    std::printf("   base = %s (pid %d), daemon = %s\n", o.baseline.c_str(), base.pid(),
-                o.daemon.c_str());
+    std::string extra;
+    for (const auto& a : o.baseline_args) extra += " " + a;
+    std::printf("   base = %s%s (pid %d), daemon = %s\n", o.baseline.c_str(), extra.c_str(),
+                base.pid(), o.daemon.c_str());
   }
   std::printf(
       "   %d round(s) of %.2f s (at most %ld calls) per target per cell, interleaved a b c; "
@@ -740,9 +749,13 @@ int main(int argc, char** argv) {
 
   sample_rss();
   std::printf(
-      "-- daemon RSS: idle after start %.1f MiB, highest sampled %.1f MiB, VmHWM %.1f MiB\n",
+      "-- daemon RSS: idle after start %.1f MiB, highest sampled %.1f MiB, VmHWM %.1f MiB; "
+      "now %.1f MiB, of which anonymous %.1f MiB, file-backed %.1f MiB\n",
       static_cast<double>(idle_rss) / 1024, static_cast<double>(peak_rss) / 1024,
-      static_cast<double>(StatusKiB(daemon.pid(), "VmHWM")) / 1024);
+      static_cast<double>(StatusKiB(daemon.pid(), "VmHWM")) / 1024,
+      static_cast<double>(StatusKiB(daemon.pid(), "VmRSS")) / 1024,
+      static_cast<double>(StatusKiB(daemon.pid(), "RssAnon")) / 1024,
+      static_cast<double>(StatusKiB(daemon.pid(), "RssFile")) / 1024);
   std::this_thread::sleep_for(1s);
   idle_ticks("after load");
 

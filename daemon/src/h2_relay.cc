@@ -429,6 +429,19 @@ struct Callbacks {
     return static_cast<ssize_t>(n);
   }
 
+  // A complete answer went to a caller that is still sending: ask it to stop, without error
+  // (RFC 9113 8.1; gRPC servers do the same). Sent after the END_STREAM frame, never before.
+  static int OnFrameSend(nghttp2_session* ng, const nghttp2_frame* frame, void* user) {
+    auto* s = static_cast<H2Relay::Session*>(user);
+    if (!s->server || !(frame->hd.flags & NGHTTP2_FLAG_END_STREAM)) return 0;
+    if (frame->hd.type != NGHTTP2_HEADERS && frame->hd.type != NGHTTP2_DATA) return 0;
+    H2Relay::Stream* st = Get(ng, frame->hd.stream_id);
+    if (st && !st->request_ended) {
+      nghttp2_submit_rst_stream(ng, NGHTTP2_FLAG_NONE, frame->hd.stream_id, NGHTTP2_NO_ERROR);
+    }
+    return 0;
+  }
+
   static nghttp2_session_callbacks* Make() {
     nghttp2_session_callbacks* cb;
     nghttp2_session_callbacks_new(&cb);
@@ -437,6 +450,7 @@ struct Callbacks {
     nghttp2_session_callbacks_set_on_frame_recv_callback(cb, OnFrameRecv);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, OnDataChunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(cb, OnStreamClose);
+    nghttp2_session_callbacks_set_on_frame_send_callback(cb, OnFrameSend);
     return cb;
   }
 };
@@ -587,6 +601,12 @@ H2Relay::Session* H2Relay::NewSession(int fd, bool server) {
     nghttp2_option* o;
     nghttp2_option_new(&o);
     nghttp2_option_set_no_auto_window_update(o, 1);  // we acknowledge what the other side took
+    // No priority tree, so no closed streams kept for it (by default a server session keeps
+    // them, and with unlimited concurrent streams that grows with every call).
+    nghttp2_option_set_no_closed_streams(o, 1);
+    // gRPC accepts header values with leading or trailing spaces (a grpc-message "no such
+    // image: " is fine), RFC 9113 does not; nghttp2 would reset such a call. Relay them.
+    nghttp2_option_set_no_rfc9113_leading_and_trailing_ws_validation(o, 1);
     // Until containerd's SETTINGS arrive nghttp2 would assume 100 concurrent streams; gRPC
     // servers allow any number.
     nghttp2_option_set_peer_max_concurrent_streams(o, 1u << 30);
