@@ -71,7 +71,7 @@ struct Options {
   std::vector<int> concurrency = {1, 16, 64};
   int pulls = 3;  // per target per round
   std::string daemon = RP_BINARY;
-  std::string baseline;           // a second registry-proxy binary to compare with (before/after)
+  std::string baseline;  // a second registry-proxy binary to compare with (before/after)
   std::vector<std::string> baseline_args;  // extra serve flags for it
   std::vector<std::string> wrap;  // a command the daemon runs under (valgrind --tool=callgrind)
   double max_seconds = 280;
@@ -346,7 +346,8 @@ int Usage(const std::string& why) {
       << "cri_load: " << why
       << "\nusage: cri_load [--smoke] [--rounds N] [--round-seconds S] [--max-calls N]\n"
          "                [--concurrency 1,16,64] [--pulls N] [--daemon PATH] "
-         "[--max-seconds S]\n                [--baseline PATH] [--baseline-args \"ARGS\"] [--wrap \"CMD ARGS\"]\n             "
+         "[--max-seconds S]\n                [--baseline PATH] [--baseline-args \"ARGS\"] [--wrap "
+         "\"CMD ARGS\"]\n             "
          "   [--only WORKLOAD,...]  (Version, ImageStatus-hit, "
          "ImageStatus-miss, pump-ctrdVersion,\n                ListImages-10, ListImages-500, "
          "PullImage; a prefix selects several)\n";

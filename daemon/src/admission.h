@@ -27,7 +27,6 @@
 #include <string_view>
 
 #include "config.h"
-
 #include "string_util.h"
 
 namespace registry_proxy {

@@ -194,7 +194,7 @@ class CriProxy::Call {
   void StartIntercepted(std::function<InterceptResult()> work) {
     ++ops_;
     worker_used_ = true;
-    bool started = proxy_->StartWorker([this, work = std::move(work)] {
+    bool started = proxy_->workers_.Start([this, work = std::move(work)] {
       InterceptResult r = work();
       // Held until Finish has returned: MaybeDelete takes it before deleting, so the call
       // cannot go away under a worker still on its way out of gRPC.
@@ -538,24 +538,6 @@ void CriProxy::Loop() {
   while (cq_->Next(&tag, &ok)) static_cast<Call::Tag*>(tag)->Run(ok);
 }
 
-bool CriProxy::StartWorker(std::function<void()> fn) {
-  {
-    std::lock_guard<std::mutex> lock(workers_mu_);
-    if (workers_ >= options_.max_workers) return false;
-    ++workers_;
-  }
-  std::thread([this, fn = std::move(fn)] {
-    fn();
-    WorkerDone();
-  }).detach();
-  return true;
-}
-
-void CriProxy::WorkerDone() {
-  std::lock_guard<std::mutex> lock(workers_mu_);
-  if (--workers_ == 0) workers_cv_.notify_all();
-}
-
 void CriProxy::Shutdown(std::chrono::milliseconds grace) {
   std::call_once(shutdown_once_, [&] {
     shutting_down_ = true;
@@ -592,10 +574,7 @@ void CriProxy::Shutdown(std::chrono::milliseconds grace) {
     // Cancels what is left, which cancels their upstream calls and pulls (the done tag), so
     // workers end promptly.
     server_->Shutdown(std::chrono::system_clock::now());
-    {
-      std::unique_lock<std::mutex> lock(workers_mu_);
-      workers_cv_.wait(lock, [this] { return workers_ == 0; });
-    }
+    workers_.CloseAndWait();
     cq_->Shutdown();
     if (loop_.joinable()) loop_.join();
   });

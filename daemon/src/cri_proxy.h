@@ -28,6 +28,7 @@
 #include "cri_server.h"
 #include "interceptor.h"
 #include "status.h"
+#include "worker_threads.h"
 
 namespace registry_proxy {
 
@@ -57,9 +58,7 @@ class CriProxy final : public CriServer {
   friend class Call;
   void Loop();
   void RequestNewCall();
-  void AcceptLoop();                           // listen_fd only
-  bool StartWorker(std::function<void()> fn);  // false when at max_workers
-  void WorkerDone();
+  void AcceptLoop();  // listen_fd only
 
   const ProxyOptions options_;
   std::shared_ptr<grpc::Channel> upstream_;
@@ -79,9 +78,7 @@ class CriProxy final : public CriServer {
   std::atomic<int> live_calls_{0};     // Call objects, idle request slots included
   std::atomic<int> active_calls_{0};   // calls that arrived and have not ended
 
-  std::mutex workers_mu_;
-  std::condition_variable workers_cv_;
-  int workers_ = 0;  // guarded by workers_mu_
+  WorkerThreads workers_{options_.max_workers};
   std::once_flag shutdown_once_;
 };
 

@@ -32,6 +32,17 @@ constexpr int32_t kConnectionWindow = (1u << 31) - 1;
 // Stop serializing frames for a socket whose peer doesn't read.
 constexpr size_t kMaxPendingOut = 1 << 20;
 constexpr size_t kReadChunk = 64 << 10;
+// Header bytes one call may carry (all its header blocks, each way counted apart), as HPACK
+// decodes them: a small HEADERS frame can name large table entries many times over.
+constexpr size_t kMaxHeaderBytes = 256 << 10;
+// Calls at once on one caller's connection (kubelet keeps a few dozen at most).
+constexpr uint32_t kMaxConcurrentCalls = 1000;
+// An intercepted request is held whole (PullImageRequest: an image, auth, the pod's sandbox
+// config with its annotations, at most 256 KiB in Kubernetes).
+constexpr size_t kMaxHeldRequest = 4 << 20;
+// The longest grpc-message and details we put in our own answers.
+constexpr size_t kMaxOwnMessage = 4 << 10;  // under gRPC C++ clients' 8 KiB metadata limit
+constexpr size_t kMaxOwnDetails = 64 << 10;
 constexpr int kGrpcFrameHeader = 5;
 
 // gRPC status codes used here (grpc::StatusCode values; the wire carries the numbers).
@@ -141,13 +152,26 @@ std::chrono::system_clock::time_point DeadlineFrom(const std::string& timeout) {
   if (v > 100000000) return std::chrono::system_clock::time_point::max();
   std::chrono::duration<double> d;
   switch (timeout.back()) {
-    case 'H': d = std::chrono::hours(v); break;
-    case 'M': d = std::chrono::minutes(v); break;
-    case 'S': d = std::chrono::seconds(v); break;
-    case 'm': d = std::chrono::milliseconds(v); break;
-    case 'u': d = std::chrono::microseconds(v); break;
-    case 'n': d = std::chrono::nanoseconds(v); break;
-    default: return std::chrono::system_clock::time_point::max();
+    case 'H':
+      d = std::chrono::hours(v);
+      break;
+    case 'M':
+      d = std::chrono::minutes(v);
+      break;
+    case 'S':
+      d = std::chrono::seconds(v);
+      break;
+    case 'm':
+      d = std::chrono::milliseconds(v);
+      break;
+    case 'u':
+      d = std::chrono::microseconds(v);
+      break;
+    case 'n':
+      d = std::chrono::nanoseconds(v);
+      break;
+    default:
+      return std::chrono::system_clock::time_point::max();
   }
   if (d > std::chrono::hours(24 * 365 * 10)) return std::chrono::system_clock::time_point::max();
   return std::chrono::system_clock::now() +
@@ -167,11 +191,16 @@ int ParseStatus(std::string_view v) {
 // How a gRPC client reads an RST_STREAM (grpc's HTTP/2 error code mapping).
 int StatusOfReset(uint32_t code) {
   switch (code) {
-    case NGHTTP2_CANCEL: return kCancelled;
-    case NGHTTP2_REFUSED_STREAM: return kUnavailable;
-    case NGHTTP2_ENHANCE_YOUR_CALM: return kResourceExhausted;
-    case NGHTTP2_INADEQUATE_SECURITY: return 7;  // PERMISSION_DENIED
-    default: return kInternal;
+    case NGHTTP2_CANCEL:
+      return kCancelled;
+    case NGHTTP2_REFUSED_STREAM:
+      return kUnavailable;
+    case NGHTTP2_ENHANCE_YOUR_CALM:
+      return kResourceExhausted;
+    case NGHTTP2_INADEQUATE_SECURITY:
+      return 7;  // PERMISSION_DENIED
+    default:
+      return kInternal;
   }
 }
 
@@ -217,21 +246,22 @@ struct H2Relay::Stream {
   ByteQueue to_up;
   bool request_ended = false;
   bool up_deferred = false;
-  bool hold_request = false;  // intercepted: the whole request is collected first
+  bool hold_request = false;   // intercepted: the whole request is collected first
   bool request_acked = false;  // caller's bytes already acknowledged on arrival
 
   // containerd -> caller.
   Headers response_headers, trailers;
   ByteQueue to_down;
-  bool response_ended = false;   // containerd's (or our) response is complete
-  bool hold_response = false;    // ImageStatus: kept until hit/miss is known
-  bool response_acked = false;   // containerd's bytes already acknowledged on arrival
-  bool response_started = false; // response HEADERS submitted to the caller
-  bool response_done = false;    // END_STREAM (or trailers) submitted to the caller
+  bool response_ended = false;    // containerd's (or our) response is complete
+  bool hold_response = false;     // ImageStatus: kept until hit/miss is known
+  bool response_acked = false;    // containerd's bytes already acknowledged on arrival
+  bool response_started = false;  // response HEADERS submitted to the caller
+  bool response_done = false;     // END_STREAM (or trailers) submitted to the caller
   bool down_deferred = false;
   int grpc_status = -1;
   int reset_status = -1;  // the call ended by RST_STREAM: how the caller reads it
 
+  size_t request_header_bytes = 0, response_header_bytes = 0;
   bool worker = false;  // an interceptor worker runs for it
   std::shared_ptr<Cancellation> cancellation;
 };
@@ -270,6 +300,9 @@ struct Callbacks {
     if (!st) return 0;
     std::string_view n(reinterpret_cast<const char*>(name), namelen);
     std::string_view v(reinterpret_cast<const char*>(value), valuelen);
+    size_t& bytes = s->server ? st->request_header_bytes : st->response_header_bytes;
+    bytes += namelen + valuelen + 32;  // HPACK's own measure of an entry
+    if (bytes > kMaxHeaderBytes) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;  // resets it
     if (s->server) {
       if (frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;  // request trailers: none in gRPC
       if (n == ":path") st->path = v;
@@ -335,7 +368,9 @@ struct Callbacks {
       }
       if (st->hold_request) {
         nghttp2_session_consume_stream(ng, id, len);
-        if (st->to_up.size() + len > static_cast<size_t>(r->options_.max_message_bytes) + 5) {
+        const size_t limit =
+            std::min(kMaxHeldRequest, static_cast<size_t>(r->options_.max_message_bytes));
+        if (st->to_up.size() + len > limit + kGrpcFrameHeader) {
           r->FailCall(st, kResourceExhausted,
                       "registry-proxy: request larger than the largest message allowed");
           return 0;
@@ -442,6 +477,20 @@ struct Callbacks {
     return 0;
   }
 
+  // A frame nghttp2 would not send (a header block over the send limit): for a caller's answer
+  // that would leave the call open for ever, so it is reset instead.
+  static int OnFrameNotSend(nghttp2_session* ng, const nghttp2_frame* frame, int error,
+                            void* user) {
+    auto* s = static_cast<H2Relay::Session*>(user);
+    if (!s->server || frame->hd.type != NGHTTP2_HEADERS) return 0;
+    H2Relay::Stream* st = Get(ng, frame->hd.stream_id);
+    spdlog::warn("{}: answer not sent ({}); resetting the call", st ? st->path : "?",
+                 nghttp2_strerror(error));
+    if (st) st->reset_status = kInternal;
+    nghttp2_submit_rst_stream(ng, NGHTTP2_FLAG_NONE, frame->hd.stream_id, NGHTTP2_INTERNAL_ERROR);
+    return 0;
+  }
+
   static nghttp2_session_callbacks* Make() {
     nghttp2_session_callbacks* cb;
     nghttp2_session_callbacks_new(&cb);
@@ -451,6 +500,7 @@ struct Callbacks {
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, OnDataChunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(cb, OnStreamClose);
     nghttp2_session_callbacks_set_on_frame_send_callback(cb, OnFrameSend);
+    nghttp2_session_callbacks_set_on_frame_not_send_callback(cb, OnFrameNotSend);
     return cb;
   }
 };
@@ -531,7 +581,21 @@ void H2Relay::Wake() {
 void H2Relay::Loop() {
   epoll_event events[64];
   while (true) {
-    int n = epoll_wait(epoll_fd_, events, 64, -1);
+    int timeout_ms = -1;
+    if (accept_paused_until_) {
+      auto left = *accept_paused_until_ - std::chrono::steady_clock::now();
+      timeout_ms = std::max<int>(0, std::chrono::ceil<std::chrono::milliseconds>(left).count());
+    }
+    int n = epoll_wait(epoll_fd_, events, 64, timeout_ms);
+    if (accept_paused_until_ && std::chrono::steady_clock::now() >= *accept_paused_until_) {
+      accept_paused_until_.reset();
+      if (!stop_accepting_ && listen_fd_ >= 0) {
+        epoll_event ev{};
+        ev.events = EPOLLIN;
+        ev.data.ptr = &listen_fd_;
+        listening_ = epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, listen_fd_, &ev) == 0;
+      }
+    }
     if (n < 0) {
       if (errno == EINTR) continue;
       spdlog::critical("epoll_wait: {}", std::strerror(errno));
@@ -545,8 +609,8 @@ void H2Relay::Loop() {
         uint64_t v;
         while (read(wake_fd_, &v, sizeof v) > 0) {
         }
-        if (stop_accepting_ && listening_) {
-          epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, listen_fd_, nullptr);
+        if (stop_accepting_ && listen_fd_ >= 0) {
+          if (listening_) epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, listen_fd_, nullptr);
           listening_ = false;
           // An inherited socket stays: new connections wait in its backlog for the next daemon.
           if (options_.listen_fd < 0) close(listen_fd_);
@@ -587,8 +651,14 @@ void H2Relay::Accept() {
       if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ECONNABORTED) {
         return;
       }
-      spdlog::error("accept on {}: {}", socket_path_, std::strerror(errno));
-      return;  // e.g. EMFILE: level-triggered epoll brings us back
+      // EMFILE and the like: the socket stays readable, so stop watching it for a moment
+      // rather than spin (connections wait in the backlog), and say so once a pause.
+      spdlog::error("accept on {}: {}; accepting again in 100 ms", socket_path_,
+                    std::strerror(errno));
+      epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, listen_fd_, nullptr);
+      listening_ = false;
+      accept_paused_until_ = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
+      return;
     }
     Session* s = NewSession(fd, /*server=*/true);
     if (!s) close(fd);
@@ -607,6 +677,8 @@ H2Relay::Session* H2Relay::NewSession(int fd, bool server) {
     // gRPC accepts header values with leading or trailing spaces (a grpc-message "no such
     // image: " is fine), RFC 9113 does not; nghttp2 would reset such a call. Relay them.
     nghttp2_option_set_no_rfc9113_leading_and_trailing_ws_validation(o, 1);
+    // What one call may receive (kMaxHeaderBytes) it may also send on.
+    nghttp2_option_set_max_send_header_block_length(o, kMaxHeaderBytes + (16 << 10));
     // Until containerd's SETTINGS arrive nghttp2 would assume 100 concurrent streams; gRPC
     // servers allow any number.
     nghttp2_option_set_peer_max_concurrent_streams(o, 1u << 30);
@@ -622,9 +694,12 @@ H2Relay::Session* H2Relay::NewSession(int fd, bool server) {
     s->fd = -1;  // the caller closes it
     return nullptr;
   }
-  nghttp2_settings_entry settings[] = {{NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, kStreamWindow},
-                                       {NGHTTP2_SETTINGS_ENABLE_PUSH, 0}};
-  nghttp2_submit_settings(s->ng, NGHTTP2_FLAG_NONE, settings, server ? 1 : 2);
+  nghttp2_settings_entry settings[] = {
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, kStreamWindow},
+      {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, kMaxHeaderBytes},
+      {server ? NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS : NGHTTP2_SETTINGS_ENABLE_PUSH,
+       server ? kMaxConcurrentCalls : 0}};
+  nghttp2_submit_settings(s->ng, NGHTTP2_FLAG_NONE, settings, 3);
   nghttp2_session_set_local_window_size(s->ng, NGHTTP2_FLAG_NONE, 0, kConnectionWindow);
   s->events = EPOLLIN;
   epoll_event ev{};
@@ -809,9 +884,13 @@ void H2Relay::OnRequestComplete(Stream* st) {
   if (st->info.kind == CallKind::kPull) {
     std::string request(message);
     st->to_up.Clear();
-    StartIntercepted(st, [this, v, request = std::move(request)](const CallOptions& opts) {
-      return interceptor_->PullImage(v, request, opts);
-    });
+    if (!StartIntercepted(st, [this, v, request = std::move(request)](const CallOptions& opts) {
+          return interceptor_->PullImage(v, request, opts);
+        })) {
+      FailCall(st, refusing_ ? kUnavailable : kResourceExhausted,
+               refusing_ ? "registry-proxy is shutting down"
+                         : "registry-proxy: too many pulls in progress");
+    }
     return;
   }
   st->held_request = message;  // ImageStatus: the interceptor may need it for a miss
@@ -838,6 +917,9 @@ void H2Relay::OpenUpstream(Stream* st) {
     if (id < 0) {  // e.g. stream ids used up: the next call opens a new connection
       up->usable = false;
       upstream_ = nullptr;
+      // The old one ends once its calls have (Flush sees nothing more to read or write).
+      nghttp2_submit_goaway(up->ng, NGHTTP2_FLAG_NONE, 0, NGHTTP2_NO_ERROR, nullptr, 0);
+      MarkDirty(up);
       continue;
     }
     st->up = up;
@@ -883,11 +965,12 @@ void H2Relay::FinishHeldStatus(Stream* st) {
       HasLengthDelimitedField1(message) != 1) {
     std::string response(message);
     const CriVersion v = st->info.version;
-    if (interceptor_->StatusNeedsRecovery(v, st->held_request, response)) {
-      StartIntercepted(st, [this, v, request = st->held_request,
-                            response = std::move(response)](const CallOptions& opts) {
-        return interceptor_->RecoverStatus(v, request, response, opts);
-      });
+    // Without a worker to repair it (too many, or shutting down), containerd's answer stands.
+    if (interceptor_->StatusNeedsRecovery(v, st->held_request, response) &&
+        StartIntercepted(st, [this, v, request = st->held_request,
+                              response = std::move(response)](const CallOptions& opts) {
+          return interceptor_->RecoverStatus(v, request, response, opts);
+        })) {
       return;
     }
   }
@@ -917,9 +1000,12 @@ void H2Relay::FailCall(Stream* st, int code, const std::string& message,
                        const std::string& details) {
   if (!st->down || st->response_done) return;
   st->grpc_status = code;
-  Headers status = {{"grpc-status", std::to_string(code)},
-                    {"grpc-message", PercentEncode(message)}};
-  if (!details.empty()) status.push_back({"grpc-status-details-bin", Base64Encode(details)});
+  Headers status = {
+      {"grpc-status", std::to_string(code)},
+      {"grpc-message", PercentEncode(std::string_view(message).substr(0, kMaxOwnMessage))}};
+  if (!details.empty() && details.size() <= kMaxOwnDetails) {  // cut, they would not parse
+    status.push_back({"grpc-status-details-bin", Base64Encode(details)});
+  }
   st->response_ended = true;
   st->hold_response = false;
   if (st->response_started) {
@@ -1003,7 +1089,7 @@ void H2Relay::MaybeDelete(Stream* st) {
 
 // --- interception --------------------------------------------------------------------------------
 
-void H2Relay::StartIntercepted(Stream* st,
+bool H2Relay::StartIntercepted(Stream* st,
                                std::function<InterceptResult(const CallOptions&)> work) {
   auto cancellation = std::make_shared<Cancellation>();
   st->cancellation = cancellation;
@@ -1015,19 +1101,17 @@ void H2Relay::StartIntercepted(Stream* st,
   opts.cancellation = cancellation.get();
   st->worker = true;
   const uint64_t serial = st->serial;
-  bool started = StartWorker([this, serial, cancellation, opts = std::move(opts),
-                              work = std::move(work)] {
-    InterceptResult r = work(opts);
-    {
-      std::lock_guard<std::mutex> lock(completions_mu_);
-      completions_.push_back({serial, std::move(r)});
-    }
-    Wake();
-  });
-  if (!started) {
-    st->worker = false;
-    FailCall(st, kResourceExhausted, "registry-proxy: too many pulls in progress");
-  }
+  bool started =
+      workers_.Start([this, serial, cancellation, opts = std::move(opts), work = std::move(work)] {
+        InterceptResult r = work(opts);
+        {
+          std::lock_guard<std::mutex> lock(completions_mu_);
+          completions_.push_back({serial, std::move(r)});
+        }
+        Wake();
+      });
+  if (!started) st->worker = false;
+  return started;
 }
 
 void H2Relay::OnCompletions() {
@@ -1065,24 +1149,6 @@ void H2Relay::OnCompletions() {
     }
     MaybeDelete(st);
   }
-}
-
-bool H2Relay::StartWorker(std::function<void()> fn) {
-  {
-    std::lock_guard<std::mutex> lock(workers_mu_);
-    if (workers_ >= options_.max_workers) return false;
-    ++workers_;
-  }
-  std::thread([this, fn = std::move(fn)] {
-    fn();
-    WorkerDone();
-  }).detach();
-  return true;
-}
-
-void H2Relay::WorkerDone() {
-  std::lock_guard<std::mutex> lock(workers_mu_);
-  if (--workers_ == 0) workers_cv_.notify_all();
 }
 
 // --- shutdown ------------------------------------------------------------------------------------
@@ -1146,10 +1212,7 @@ void H2Relay::Shutdown(std::chrono::milliseconds grace) {
     // Cancel what is left (which cancels their pulls, so workers end promptly).
     cancel_all_ = true;
     Wake();
-    {
-      std::unique_lock<std::mutex> lock(workers_mu_);
-      workers_cv_.wait(lock, [this] { return workers_ == 0; });
-    }
+    workers_.CloseAndWait();
     exit_ = true;
     Wake();
     if (loop_.joinable()) loop_.join();

@@ -13,8 +13,10 @@
 //   goes away or sends GOAWAY the next call opens a new one at once, no back-off).
 // - Flow control is per call, end to end: bytes are acknowledged to the sender (WINDOW_UPDATE)
 //   only once the other side took them, so a slow reader holds back its own call and never
-//   the connection (connection windows are acknowledged on arrival). What one call can have
-//   buffered here is bounded by the stream window (1 MiB each way).
+//   the connection (connection windows are acknowledged on arrival). What one relayed call
+//   can have buffered here is bounded by the stream window (1 MiB each way); an intercepted
+//   one holds its request (at most 4 MiB) or its ImageStatus answer (max_message_bytes).
+//   Headers: at most 256 KiB a call each way; at most 1,000 calls at once on a connection.
 // - Cancellation: a caller's RST_STREAM becomes containerd's RST_STREAM(CANCEL) and fires the
 //   interceptor's cancellation; containerd's reset reaches the caller with its code; a lost
 //   containerd connection fails its calls UNAVAILABLE.
@@ -31,6 +33,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -38,6 +41,7 @@
 
 #include "cri_server.h"
 #include "interceptor.h"
+#include "worker_threads.h"
 
 namespace registry_proxy {
 
@@ -90,14 +94,13 @@ class H2Relay final : public CriServer {
   void ResumeUp(Stream* st);
   void ResumeDown(Stream* st);
   void MaybeDelete(Stream* st);
-  void StartIntercepted(Stream* st, std::function<InterceptResult(const CallOptions&)> work);
+  // False when no worker can be had (at max_workers, or shutting down).
+  bool StartIntercepted(Stream* st, std::function<InterceptResult(const CallOptions&)> work);
   void OnCompletions();
   void CancelEverything();
 
   // Any thread.
   void Wake();
-  bool StartWorker(std::function<void()> fn);  // false when at max_workers
-  void WorkerDone();
 
   const ProxyOptions options_;
   ImageInterceptor* const interceptor_;
@@ -106,9 +109,10 @@ class H2Relay final : public CriServer {
   std::string upstream_path_;
 
   int epoll_fd_ = -1;
-  int wake_fd_ = -1;    // eventfd: worker completions and Shutdown's steps
-  int listen_fd_ = -1;  // ours, or the inherited one (never closed then)
-  bool listening_ = false;
+  int wake_fd_ = -1;        // eventfd: worker completions and Shutdown's steps
+  int listen_fd_ = -1;      // ours, or the inherited one (never closed then)
+  bool listening_ = false;  // listen_fd_ is in the epoll set
+  std::optional<std::chrono::steady_clock::time_point> accept_paused_until_;  // after EMFILE
   std::thread loop_;
 
   // Loop thread only.
@@ -125,14 +129,12 @@ class H2Relay final : public CriServer {
 
   std::atomic<bool> started_{false};
   std::atomic<bool> stop_accepting_{false};
-  std::atomic<bool> refusing_{false};   // after the drain: new calls get UNAVAILABLE
+  std::atomic<bool> refusing_{false};  // after the drain: new calls get UNAVAILABLE
   std::atomic<bool> cancel_all_{false};
   std::atomic<bool> exit_{false};
   std::atomic<int> active_calls_{0};
 
-  std::mutex workers_mu_;
-  std::condition_variable workers_cv_;
-  int workers_ = 0;  // guarded by workers_mu_
+  WorkerThreads workers_{options_.max_workers};
   std::once_flag shutdown_once_;
 };
 

@@ -3,7 +3,6 @@
 // cancellation, interception, upstream restarts. Every case runs against each engine.
 // (The end-to-end tests against a real containerd are in tests/integration.)
 #include "cri_proxy.h"
-#include "h2_relay.h"
 
 #include <gmock/gmock.h>
 #include <grpcpp/generic/async_generic_service.h>
@@ -27,6 +26,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "h2_relay.h"
 
 namespace registry_proxy {
 namespace {
@@ -221,12 +222,15 @@ class FakeInterceptor : public ImageInterceptor {
   InterceptResult PullImage(CriVersion v, const std::string& request,
                             const CallOptions& opts) override {
     pulls++;
+    std::string fail;
     {
       std::lock_guard<std::mutex> lock(mu);
       last_version = v;
       last_request = request;
       last_metadata = opts.metadata;
+      fail = pull_error;
     }
+    if (!fail.empty()) return {grpc::Status(grpc::StatusCode::NOT_FOUND, fail), ""};
     if (block_pulls) {
       // Like a pull that takes minutes: only the caller's cancellation ends it.
       while (!opts.cancellation->cancelled()) std::this_thread::sleep_for(1ms);
@@ -257,6 +261,7 @@ class FakeInterceptor : public ImageInterceptor {
   CriVersion last_version = CriVersion::kV1;
   std::string last_request;
   std::vector<std::pair<std::string, std::string>> last_metadata;
+  std::string pull_error;  // set: pulls fail NOT_FOUND with this message
 };
 
 enum class Engine { kRelay, kGrpc };
@@ -326,7 +331,7 @@ class ProxyTest : public ::testing::TestWithParam<Engine> {
   fs::path dir_;
   std::string upstream_path_, listen_path_;
   std::unique_ptr<FakeUpstream> upstream_;
-  FakeInterceptor icpt_;  // declared before proxy_: it must outlive the proxy
+  FakeInterceptor icpt_;        // declared before proxy_: it must outlive the proxy
   RecordingObserver observer_;  // declared before proxy_: it must outlive the proxy
   std::unique_ptr<CriServer> proxy_;
   std::shared_ptr<grpc::Channel> channel_;
@@ -652,8 +657,8 @@ TEST_P(ProxyTest, SlowReaderHoldsBackOnlyItsOwnCall) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
   // Its own connection, so only the proxy's windows stand between the flood and the reader.
-  auto flood_channel = grpc::CreateCustomChannel("unix://" + listen_path_,
-                                                 grpc::InsecureChannelCredentials(), args);
+  auto flood_channel =
+      grpc::CreateCustomChannel("unix://" + listen_path_, grpc::InsecureChannelCredentials(), args);
   grpc::GenericStub stub(flood_channel);
   grpc::CompletionQueue cq;
   grpc::ClientContext ctx;
@@ -765,6 +770,31 @@ TEST_P(ProxyTest, CompressedPullIsForwardedUnchangedByTheRelay) {
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_EQ(ToString(out), std::string(1000, 'z'));  // the upstream's echo
   EXPECT_EQ(icpt_.pulls.load(), 0);
+}
+
+// Metadata far over any limit (HPACK lets a small frame decode to a lot): that call fails, the
+// proxy stays up and the connection's other calls go on.
+TEST_P(ProxyTest, OversizedHeadersFailOnlyTheirCall) {
+  StartProxy(&icpt_);
+  Reply big = Unary("/test.Echo/Unary", "x", {{"x-big", std::string(300 << 10, 'h')}}, 5s);
+  EXPECT_FALSE(big.status.ok());
+  EXPECT_TRUE(Unary("/test.Echo/Unary", "after").status.ok());
+  EXPECT_EQ(Unary("/runtime.v1.ImageService/PullImage", "p").body, "pulled:p");
+}
+
+// Our own answer never outgrows what HTTP/2 can carry: a huge error message is cut, and the
+// call ends with its code rather than hanging.
+TEST_P(ProxyTest, HugeErrorMessageIsCutNotLost) {
+  if (GetParam() != Engine::kRelay) GTEST_SKIP() << "gRPC's own limits apply there";
+  {
+    std::lock_guard<std::mutex> lock(icpt_.mu);
+    icpt_.pull_error = "no such image: " + std::string(200 << 10, 'n');
+  }
+  StartProxy(&icpt_);
+  Reply r = Unary("/runtime.v1.ImageService/PullImage", "p", {}, 5s);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(r.status.error_message().rfind("no such image: nnn", 0), 0u);
+  EXPECT_LE(r.status.error_message().size(), 4u << 10);
 }
 
 INSTANTIATE_TEST_SUITE_P(Engines, ProxyTest, ::testing::Values(Engine::kRelay, Engine::kGrpc),
