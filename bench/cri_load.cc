@@ -18,6 +18,7 @@
 //   cri_load [--smoke] [--rounds N] [--round-seconds S] [--max-calls N] [--concurrency 1,16,64]
 //            [--pulls N] [--daemon PATH] [--max-seconds S] [--only Version,ListImages-10,...]
 //            [--baseline PATH]   a second daemon binary, as target "base" (before/after)
+//            [--daemon-args "ARGS"] extra serve flags for "daemon" (e.g. "--engine grpc")
 //            [--baseline-args "ARGS"]  extra serve flags for "base" (e.g. "--engine grpc": the
 //                                gRPC engine beside the relay, same binary, same run)
 //            [--wrap "CMD ARGS"] run the daemon under CMD (e.g. valgrind --tool=callgrind)
@@ -73,6 +74,7 @@ struct Options {
   std::string daemon = RP_BINARY;
   std::string baseline;  // a second registry-proxy binary to compare with (before/after)
   std::vector<std::string> baseline_args;  // extra serve flags for it
+  std::vector<std::string> daemon_args;    // extra serve flags for the daemon
   std::vector<std::string> wrap;  // a command the daemon runs under (valgrind --tool=callgrind)
   double max_seconds = 280;
   std::vector<std::string> only;  // workload names to run (prefixes); empty = all
@@ -346,7 +348,8 @@ int Usage(const std::string& why) {
       << "cri_load: " << why
       << "\nusage: cri_load [--smoke] [--rounds N] [--round-seconds S] [--max-calls N]\n"
          "                [--concurrency 1,16,64] [--pulls N] [--daemon PATH] "
-         "[--max-seconds S]\n                [--baseline PATH] [--baseline-args \"ARGS\"] [--wrap "
+         "[--max-seconds S]\n                [--baseline PATH] [--baseline-args \"ARGS\"]\n        "
+         "        [--daemon-args \"ARGS\"] [--wrap "
          "\"CMD ARGS\"]\n             "
          "   [--only WORKLOAD,...]  (Version, ImageStatus-hit, "
          "ImageStatus-miss, pump-ctrdVersion,\n                ListImages-10, ListImages-500, "
@@ -394,6 +397,9 @@ int main(int argc, char** argv) {
       std::stringstream ss(next());
       for (std::string item; std::getline(ss, item, ',');) o.only.push_back(item);
       if (o.only.empty()) return Usage("--only wants workload names, e.g. Version,ImageStatus");
+    } else if (a == "--daemon-args") {
+      std::istringstream words(next());
+      for (std::string w; words >> w;) o.daemon_args.push_back(w);
     } else if (a == "--baseline-args") {
       std::istringstream words(next());
       for (std::string w; words >> w;) o.baseline_args.push_back(w);
@@ -475,6 +481,7 @@ int main(int argc, char** argv) {
       argv.push_back(a);
     }
     if (proc == &base) argv.insert(argv.end(), o.baseline_args.begin(), o.baseline_args.end());
+    if (proc == &daemon) argv.insert(argv.end(), o.daemon_args.begin(), o.daemon_args.end());
     if (Status s = proc->Spawn(argv, dir + log); !s.ok()) {
       return std::cerr << bin << ": " << s.message() << "\n", 3;
     }
