@@ -209,8 +209,10 @@ class CriProxy::Call {
     });
     if (!started) {
       --ops_;
-      Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                          "registry-proxy: too many pulls in progress"));
+      Finish(proxy_->shutting_down_.load()
+                 ? grpc::Status(grpc::StatusCode::UNAVAILABLE, "registry-proxy is shutting down")
+                 : grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                "registry-proxy: too many pulls in progress"));
     }
   }
 

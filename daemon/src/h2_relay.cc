@@ -40,9 +40,12 @@ constexpr uint32_t kMaxConcurrentCalls = 1000;
 // An intercepted request is held whole (PullImageRequest: an image, auth, the pod's sandbox
 // config with its annotations, at most 256 KiB in Kubernetes).
 constexpr size_t kMaxHeldRequest = 4 << 20;
-// The longest grpc-message and details we put in our own answers.
-constexpr size_t kMaxOwnMessage = 4 << 10;  // under gRPC C++ clients' 8 KiB metadata limit
-constexpr size_t kMaxOwnDetails = 64 << 10;
+// ... and all held requests together (acknowledged on arrival, so bounded here, not by windows).
+constexpr size_t kMaxHeldTotal = 64 << 20;
+// The longest grpc-message (encoded) and details (raw) in our own answers: together under the
+// 8 KiB of metadata gRPC C++ clients accept (grpc-go's take 16 MiB).
+constexpr size_t kMaxOwnMessage = 2 << 10;
+constexpr size_t kMaxOwnDetails = 4 << 10;
 constexpr int kGrpcFrameHeader = 5;
 
 // gRPC status codes used here (grpc::StatusCode values; the wire carries the numbers).
@@ -262,7 +265,8 @@ struct H2Relay::Stream {
   int reset_status = -1;  // the call ended by RST_STREAM: how the caller reads it
 
   size_t request_header_bytes = 0, response_header_bytes = 0;
-  bool worker = false;  // an interceptor worker runs for it
+  size_t held_bytes = 0;  // of the relay's held_bytes_
+  bool worker = false;    // an interceptor worker runs for it
   std::shared_ptr<Cancellation> cancellation;
 };
 
@@ -302,7 +306,10 @@ struct Callbacks {
     std::string_view v(reinterpret_cast<const char*>(value), valuelen);
     size_t& bytes = s->server ? st->request_header_bytes : st->response_header_bytes;
     bytes += namelen + valuelen + 32;  // HPACK's own measure of an entry
-    if (bytes > kMaxHeaderBytes) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;  // resets it
+    if (bytes > kMaxHeaderBytes) {
+      if (st->reset_status < 0) st->reset_status = kResourceExhausted;
+      return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;  // nghttp2 resets the call
+    }
     if (s->server) {
       if (frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;  // request trailers: none in gRPC
       if (n == ":path") st->path = v;
@@ -371,11 +378,20 @@ struct Callbacks {
         const size_t limit =
             std::min(kMaxHeldRequest, static_cast<size_t>(r->options_.max_message_bytes));
         if (st->to_up.size() + len > limit + kGrpcFrameHeader) {
+          r->ReleaseHeld(st);
           r->FailCall(st, kResourceExhausted,
                       "registry-proxy: request larger than the largest message allowed");
           return 0;
         }
+        if (r->held_bytes_ + len > kMaxHeldTotal) {
+          r->ReleaseHeld(st);
+          r->FailCall(st, kResourceExhausted,
+                      "registry-proxy: too many large requests in progress");
+          return 0;
+        }
         st->to_up.Append(data, len);
+        st->held_bytes += len;
+        r->held_bytes_ += len;
         return 0;
       }
       st->to_up.Append(data, len);
@@ -482,11 +498,14 @@ struct Callbacks {
   static int OnFrameNotSend(nghttp2_session* ng, const nghttp2_frame* frame, int error,
                             void* user) {
     auto* s = static_cast<H2Relay::Session*>(user);
-    if (!s->server || frame->hd.type != NGHTTP2_HEADERS) return 0;
+    // Other reasons (the stream closed meanwhile) need nothing from us.
+    if (!s->server || frame->hd.type != NGHTTP2_HEADERS || error != NGHTTP2_ERR_FRAME_SIZE_ERROR) {
+      return 0;
+    }
     H2Relay::Stream* st = Get(ng, frame->hd.stream_id);
-    spdlog::warn("{}: answer not sent ({}); resetting the call", st ? st->path : "?",
-                 nghttp2_strerror(error));
-    if (st) st->reset_status = kInternal;
+    if (!st) return 0;
+    spdlog::warn("an answer too large to send; resetting the call");
+    if (st->reset_status < 0) st->reset_status = kInternal;
     nghttp2_submit_rst_stream(ng, NGHTTP2_FLAG_NONE, frame->hd.stream_id, NGHTTP2_INTERNAL_ERROR);
     return 0;
   }
@@ -645,6 +664,7 @@ void H2Relay::Loop() {
 }
 
 void H2Relay::Accept() {
+  if (listen_fd_ < 0) return;  // closed by Shutdown's step earlier in this turn
   for (int i = 0; i < 64; ++i) {
     int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd < 0) {
@@ -870,7 +890,16 @@ void H2Relay::OnRequestEnded(Stream* st) {
   ResumeUp(st);
 }
 
+// A held request refused before it was complete: its bytes are dropped and no longer count.
+void H2Relay::ReleaseHeld(Stream* st) {
+  held_bytes_ -= st->held_bytes;
+  st->held_bytes = 0;
+  st->to_up.Clear();
+}
+
 void H2Relay::OnRequestComplete(Stream* st) {
+  held_bytes_ -= st->held_bytes;  // from here it is a request like any other (or a worker's)
+  st->held_bytes = 0;
   st->hold_request = false;
   std::string_view message;
   if (!SingleMessage(st->to_up.view(), &message)) {
@@ -1000,9 +1029,17 @@ void H2Relay::FailCall(Stream* st, int code, const std::string& message,
                        const std::string& details) {
   if (!st->down || st->response_done) return;
   st->grpc_status = code;
-  Headers status = {
-      {"grpc-status", std::to_string(code)},
-      {"grpc-message", PercentEncode(std::string_view(message).substr(0, kMaxOwnMessage))}};
+  std::string encoded = PercentEncode(std::string_view(message).substr(0, kMaxOwnMessage));
+  if (encoded.size() > kMaxOwnMessage) {
+    size_t cut = kMaxOwnMessage;
+    if (encoded[cut - 1] == '%') {
+      cut -= 1;  // never half an escape
+    } else if (encoded[cut - 2] == '%') {
+      cut -= 2;
+    }
+    encoded.resize(cut);
+  }
+  Headers status = {{"grpc-status", std::to_string(code)}, {"grpc-message", std::move(encoded)}};
   if (!details.empty() && details.size() <= kMaxOwnDetails) {  // cut, they would not parse
     status.push_back({"grpc-status-details-bin", Base64Encode(details)});
   }
@@ -1083,6 +1120,7 @@ void H2Relay::OnUpstreamClosed(Stream* st, uint32_t error_code, const std::strin
 
 void H2Relay::MaybeDelete(Stream* st) {
   if (st->down || st->up || st->worker) return;
+  held_bytes_ -= st->held_bytes;
   streams_.erase(st->serial);
   delete st;
 }

@@ -15,7 +15,8 @@
 //   only once the other side took them, so a slow reader holds back its own call and never
 //   the connection (connection windows are acknowledged on arrival). What one relayed call
 //   can have buffered here is bounded by the stream window (1 MiB each way); an intercepted
-//   one holds its request (at most 4 MiB) or its ImageStatus answer (max_message_bytes).
+//   one holds its request (at most 4 MiB; 64 MiB for all together) or its ImageStatus answer
+//   (max_message_bytes).
 //   Headers: at most 256 KiB a call each way; at most 1,000 calls at once on a connection.
 // - Cancellation: a caller's RST_STREAM becomes containerd's RST_STREAM(CANCEL) and fires the
 //   interceptor's cancellation; containerd's reset reaches the caller with its code; a lost
@@ -83,6 +84,7 @@ class H2Relay final : public CriServer {
   void OnRequestHeaders(Stream* st);
   void OnRequestEnded(Stream* st);
   void OnRequestComplete(Stream* st);  // intercepted calls: the whole request is here
+  void ReleaseHeld(Stream* st);
   void OpenUpstream(Stream* st);
   void OnResponseHeaders(Stream* st);
   void OnResponseEnded(Stream* st);
@@ -122,6 +124,7 @@ class H2Relay final : public CriServer {
   Session* upstream_ = nullptr;     // where new calls go
   std::unordered_map<uint64_t, Stream*> streams_;
   uint64_t next_serial_ = 1;
+  size_t held_bytes_ = 0;  // intercepted requests' bytes held here, all calls together
   std::vector<uint8_t> read_buf_;
 
   std::mutex completions_mu_;

@@ -151,12 +151,13 @@ void ConnectionWorkerPool::Watch() {
       std::lock_guard lock(s->mu);
       // Still the same state? (The connection may have finished or started a request since.)
       if (!s->serving || s->handling || s->fd < 0 || s->since != since) continue;
+      // Counted before the worker can see it: whoever its freed worker serves next may read it.
+      evicted_.fetch_add(1);
       ::shutdown(s->fd, SHUT_RDWR);         // the worker's next read fails; it closes and moves on
       s->since = Clock::time_point::max();  // once
       ++closed;
     }
     if (closed > 0) {
-      evicted_.fetch_add(closed);
       if (now - last_report >= std::chrono::seconds(10)) {
         spdlog::warn(
             "webhook: {} connection(s) waiting for a worker; closed {} connection(s) that held "

@@ -5,7 +5,6 @@
 #include <condition_variable>
 #include <functional>
 #include <mutex>
-#include <system_error>
 #include <thread>
 
 namespace registry_proxy {
@@ -27,7 +26,7 @@ class WorkerThreads {
         fn();
         Done();
       }).detach();
-    } catch (const std::system_error&) {  // EAGAIN: pids limit, memory
+    } catch (...) {  // std::system_error (EAGAIN: pids limit), std::bad_alloc
       Done();
       return false;
     }

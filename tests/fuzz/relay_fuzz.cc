@@ -11,6 +11,7 @@
 #include <grpcpp/grpcpp.h>
 #include <nghttp2/nghttp2.h>
 #include <poll.h>
+#include <spdlog/spdlog.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -22,6 +23,7 @@
 #include <future>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "h2_relay.h"
@@ -201,16 +203,26 @@ std::string Traffic(FuzzedDataProvider& in, std::vector<std::string>* bodies) {
   return out;
 }
 
-void CheckAlive() {
+grpc::Status VersionCall() {
   grpc::GenericStub stub(world->channel);
   grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(3));
   grpc::Slice slice(std::string("alive"));
   grpc::ByteBuffer req(&slice, 1), resp;
   std::promise<grpc::Status> done;
   stub.UnaryCall(&ctx, "/runtime.v1.RuntimeService/Version", grpc::StubOptions(), &req, &resp,
                  [&](grpc::Status s) { done.set_value(s); });
-  grpc::Status s = done.get_future().get();
+  return done.get_future().get();
+}
+
+// An input may make the echo server drop the relay's upstream connection (the next call opens
+// a new one), so a failure is retried before it counts.
+void CheckAlive() {
+  grpc::Status s = VersionCall();
+  for (int i = 0; i < 3 && !s.ok(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    s = VersionCall();
+  }
   if (!s.ok()) {
     std::fprintf(stderr, "relay stopped answering: %d %s\n", s.error_code(),
                  s.error_message().c_str());
@@ -223,7 +235,11 @@ void CheckAlive() {
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   world = new World();
   char tmpl[] = "/tmp/rp-relay-fuzz-XXXXXX";
-  world->dir = mkdtemp(tmpl);
+  if (!mkdtemp(tmpl)) {
+    std::perror("mkdtemp");
+    abort();
+  }
+  world->dir = tmpl;
   world->listen = world->dir + "/relay.sock";
   world->upstream = world->dir + "/upstream.sock";
   grpc::ServerBuilder b;
@@ -242,8 +258,15 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
   world->channel =
       grpc::CreateChannel("unix://" + world->listen, grpc::InsecureChannelCredentials());
   CheckAlive();
-  // The socket and its directory go when the fuzzer exits.
-  std::atexit([] { std::filesystem::remove_all(world->dir); });
+  // At the end of -max_total_time libFuzzer calls exit(): stop the relay and the server before
+  // static destructors run, then remove the sockets' directory. (spdlog's registry, which the
+  // relay's thread logs through, is made first, so that it is destroyed after this runs.)
+  spdlog::default_logger();
+  std::atexit([] {
+    world->relay->Shutdown(std::chrono::milliseconds(0));
+    world->server->Shutdown(std::chrono::system_clock::now());
+    std::filesystem::remove_all(world->dir);
+  });
   return 0;
 }
 
@@ -255,7 +278,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::string bytes = preface ? Traffic(in, &bodies) : "";
   bytes += in.ConsumeRemainingBytesAsString();
   int fd = Connect();
-  if (!bytes.empty() && write(fd, bytes.data(), bytes.size()) < 0) {
+  if (!bytes.empty() && send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL) < 0) {
     // The relay may already have closed a connection it found bad: fine.
   }
   Drain(fd, 3);  // let answers (relayed, intercepted, refused) come back
