@@ -423,6 +423,16 @@ bool SocketAnswers(const std::string& path) {
 
 }  // namespace
 
+std::string BoundSocketPath(int fd, const std::string& fallback) {
+  sockaddr_un addr{};
+  socklen_t len = sizeof(addr);
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0 &&
+      addr.sun_family == AF_UNIX && addr.sun_path[0] != '\0') {
+    return addr.sun_path;
+  }
+  return fallback;
+}
+
 Status PrepareSocketPath(const std::string& path) {
   namespace fs = std::filesystem;
   fs::path dir = fs::path(path).parent_path();
@@ -475,12 +485,7 @@ Status CriProxy::Start() {
   const bool inherited = options_.listen_fd >= 0;
   if (inherited) {
     // Socket activation: systemd made and owns the socket; name it as it is.
-    sockaddr_un addr{};
-    socklen_t len = sizeof(addr);
-    if (getsockname(options_.listen_fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0 &&
-        addr.sun_family == AF_UNIX && addr.sun_path[0] != '\0') {
-      socket_path_ = addr.sun_path;
-    }
+    socket_path_ = BoundSocketPath(options_.listen_fd, socket_path_);
     accept_wake_fd_ = eventfd(0, EFD_CLOEXEC);
     if (accept_wake_fd_ < 0) return Status::Error(std::string("eventfd: ") + std::strerror(errno));
   } else if (Status s = PrepareSocketPath(socket_path_); !s.ok()) {

@@ -53,6 +53,10 @@ Result<std::string> UnixSocketPath(std::string_view endpoint);
 // removed only if nobody answers on it; anything that is not a socket is left alone (error).
 Status PrepareSocketPath(const std::string& path);
 
+// The path a listening unix socket inherited from systemd is bound to, or `fallback` when it
+// has none (abstract or unnamed).
+std::string BoundSocketPath(int fd, const std::string& fallback);
+
 class CriServer {
  public:
   virtual ~CriServer() = default;

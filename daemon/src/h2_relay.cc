@@ -546,12 +546,7 @@ Status H2Relay::Start() {
   if (options_.listen_fd >= 0) {
     // Socket activation: systemd made and owns the socket; name it as it is.
     listen_fd_ = options_.listen_fd;
-    sockaddr_un addr{};
-    socklen_t len = sizeof(addr);
-    if (getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len) == 0 &&
-        addr.sun_family == AF_UNIX && addr.sun_path[0] != '\0') {
-      socket_path_ = addr.sun_path;
-    }
+    socket_path_ = BoundSocketPath(listen_fd_, socket_path_);
     fcntl(listen_fd_, F_SETFL, fcntl(listen_fd_, F_GETFL) | O_NONBLOCK);
   } else {
     if (Status s = PrepareSocketPath(socket_path_); !s.ok()) return s;
