@@ -4,9 +4,11 @@
 #include <spdlog/spdlog.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <csignal>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -20,12 +22,15 @@
 #include "signals.h"
 #include "webhook_metrics.h"
 #include "webhook_server.h"
+#include "webhook_tls.h"
 
 namespace registry_proxy {
 namespace {
 
 constexpr char kWebhookHelp[] =
     R"(Usage: registry-proxy webhook --tls-cert FILE --tls-key FILE [--config FILE]
+                              [--tls-secret NAME [--webhook-configuration NAME]
+                               [--service NAME] [--namespace NS]]
                               [--listen [HOST]:PORT] [--threads N] [--shutdown-delay SECONDS]
                               [--metrics-address HOST:PORT] [--log-level LEVEL]
                               [--log-format text|json]
@@ -41,6 +46,22 @@ GET /healthz and GET /readyz (ready once a good config is loaded) are for probes
       --tls-key FILE    its private key (PEM). Both are re-read when they change (checked at
                         most once a second, on new connections) and on SIGHUP; a bad new
                         pair keeps the old one
+      --tls-secret NAME  make and keep the certificate ourselves (in a pod): the CA and the
+                        serving certificate live in this Secret of the pod's namespace, shared
+                        by every replica (made when empty, renewed 90 days before the serving
+                        certificate expires, a new CA a year before the CA does); this
+                        replica's pair is written to --tls-cert and --tls-key. Needs get and
+                        update on the Secret
+      --webhook-configuration NAME
+                        with --tls-secret: keep the CA bundle in the caBundle of this
+                        MutatingWebhookConfiguration's webhooks that call --service (needs get
+                        and patch on it)
+      --service NAME    the webhook's Service (default registry-proxy-webhook); the serving
+                        certificate names NAME.NS.svc, NAME.NS.svc.cluster.local, NAME.NS, NAME
+      --namespace NS    the Secret's and Service's namespace (default: the pod's, from the
+                        service account)
+      --tls-sync-interval SECONDS
+                        how often the Secret and caBundle are checked again (default 600)
   -c, --config FILE     config file (default /etc/registry-proxy/config.yaml), reloaded when
                         it changes and on SIGHUP; the last good config stays in force
       --listen ADDR     [HOST]:PORT to serve (default :8443, every address); PORT 0 picks one
@@ -77,6 +98,110 @@ bool ParseListen(const std::string& s, std::string* host, int* port) {
   return true;
 }
 
+constexpr char kServiceAccountDir[] = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+// --tls-secret and its companions; nullopt in *out without --tls-secret. An error message, or
+// nullopt when the flags are good.
+std::optional<std::string> ParseTlsFlags(const ParsedArgs& args, const WebhookServerOptions& opts,
+                                         std::optional<TlsProvisionerOptions>* out,
+                                         std::chrono::seconds* interval) {
+  const auto secret = args.Get("--tls-secret");
+  if (!secret) {
+    for (const char* f :
+         {"--webhook-configuration", "--service", "--namespace", "--tls-sync-interval"}) {
+      if (args.Has(f)) return std::string(f) + " needs --tls-secret";
+    }
+    return std::nullopt;
+  }
+  TlsProvisionerOptions o;
+  o.secret = *secret;
+  o.webhook_config = args.Get("--webhook-configuration").value_or("");
+  o.service = args.Get("--service").value_or("registry-proxy-webhook");
+  if (auto ns = args.Get("--namespace")) {
+    o.ns = *ns;
+  } else {
+    auto pod_ns = InClusterNamespace(kServiceAccountDir);
+    if (!pod_ns.ok()) return "--tls-secret: no --namespace and " + pod_ns.error();
+    o.ns = *pod_ns;
+  }
+  if (o.secret.empty() || o.service.empty() || o.ns.empty()) {
+    return std::string("--tls-secret, --service and --namespace must not be empty");
+  }
+  o.policy.dns_names = {o.service + "." + o.ns + ".svc",
+                        o.service + "." + o.ns + ".svc.cluster.local", o.service + "." + o.ns,
+                        o.service};
+  o.cert_file = opts.cert_file;
+  o.key_file = opts.key_file;
+  if (auto i = args.Get("--tls-sync-interval")) {
+    long v;
+    if (!ParseInt(*i, 1, 86400, &v))
+      return "--tls-sync-interval wants 1..86400 seconds, got '" + *i + "'";
+    *interval = std::chrono::seconds(v);
+  }
+  *out = std::move(o);
+  return std::nullopt;
+}
+
+// The certificate kept by TlsProvisioner: one sync before serving (retried for up to a minute:
+// the API server may be a moment away), then one every interval on a thread of its own.
+class TlsKeeper {
+ public:
+  static Result<std::unique_ptr<TlsKeeper>> Start(const TlsProvisionerOptions& options,
+                                                  std::chrono::seconds interval) {
+    auto api = InClusterKubeApi(kServiceAccountDir);
+    if (!api.ok()) return Status::Error("--tls-secret: " + api.error());
+    auto keeper =
+        std::unique_ptr<TlsKeeper>(new TlsKeeper(std::move(api).value(), options, interval));
+    Status last;
+    auto delay = std::chrono::seconds(1);
+    for (auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);;) {
+      auto r = keeper->provisioner_.Sync(std::chrono::system_clock::now());
+      if (r.ok()) break;
+      last = r.status();
+      if (std::chrono::steady_clock::now() + delay > deadline) return last;
+      spdlog::warn("certificate: {}; trying again in {} s", last.message(), delay.count());
+      std::this_thread::sleep_for(delay);
+      delay = std::min(delay * 2, std::chrono::seconds(15));
+    }
+    keeper->thread_ = std::thread([k = keeper.get()] { k->Run(); });
+    return keeper;
+  }
+
+  ~TlsKeeper() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  TlsKeeper(std::unique_ptr<KubeApi> api, const TlsProvisionerOptions& options,
+            std::chrono::seconds interval)
+      : api_(std::move(api)), provisioner_(api_.get(), options), interval_(interval) {}
+
+  void Run() {
+    auto wait = interval_;
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!cv_.wait_for(lock, wait, [this] { return stop_; })) {
+      lock.unlock();
+      auto r = provisioner_.Sync(std::chrono::system_clock::now());
+      lock.lock();
+      if (!r.ok()) spdlog::warn("certificate: {}; trying again in 30 s", r.error());
+      wait = r.ok() ? interval_ : std::min(interval_, std::chrono::seconds(30));
+    }
+  }
+
+  std::unique_ptr<KubeApi> api_;
+  TlsProvisioner provisioner_;
+  const std::chrono::seconds interval_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
 }  // namespace
 
 int CmdWebhook(const std::vector<std::string>& argv, std::ostream& out, std::ostream& err) {
@@ -84,6 +209,11 @@ int CmdWebhook(const std::vector<std::string>& argv, std::ostream& out, std::ost
                         {{"--config", "-c"},
                          {"--tls-cert", ""},
                          {"--tls-key", ""},
+                         {"--tls-secret", ""},
+                         {"--webhook-configuration", ""},
+                         {"--service", ""},
+                         {"--namespace", ""},
+                         {"--tls-sync-interval", ""},
                          {"--listen", ""},
                          {"--threads", ""},
                          {"--shutdown-delay", ""},
@@ -127,6 +257,11 @@ int CmdWebhook(const std::vector<std::string>& argv, std::ostream& out, std::ost
       return err << "--metrics-address " << s.message() << "\n", 2;
     }
   }
+  std::optional<TlsProvisionerOptions> tls_options;
+  std::chrono::seconds tls_sync_interval{600};
+  if (auto e = ParseTlsFlags(*args, opts, &tls_options, &tls_sync_interval)) {
+    return err << *e << "\n", 2;
+  }
   LogOptions log_options;
   if (auto e = ParseLogFlags(*args, &log_options)) return err << *e << "\n", 2;
   SetUpLogging(log_options);
@@ -142,7 +277,18 @@ int CmdWebhook(const std::vector<std::string>& argv, std::ostream& out, std::ost
                   store.path());
   }
 
-  // 3. Serve. Without a usable certificate there is nothing to serve: exit so it shows.
+  // 3. The certificate, when we keep it ourselves: a usable pair on disk before serving.
+  std::unique_ptr<TlsKeeper> tls_keeper;
+  if (tls_options) {
+    auto keeper = TlsKeeper::Start(*tls_options, tls_sync_interval);
+    if (!keeper.ok()) {
+      spdlog::critical("webhook has no certificate to serve: {}", keeper.error());
+      return 1;
+    }
+    tls_keeper = std::move(keeper).value();
+  }
+
+  // 4. Serve. Without a usable certificate there is nothing to serve: exit so it shows.
   metrics::Registry registry;  // see webhook_metrics.h and ops_server.h
   WebhookMetrics webhook_metrics(&registry);
   opts.on_review = [&webhook_metrics](int status, bool patched, std::chrono::nanoseconds d) {
@@ -154,7 +300,7 @@ int CmdWebhook(const std::vector<std::string>& argv, std::ostream& out, std::ost
     return 1;
   }
 
-  // 4. Follow the config.
+  // 5. Follow the config.
   ConfigWatcher watcher(&store, {});
   if (Status s = watcher.Start(); !s.ok()) {
     spdlog::warn("config changes will not be seen until SIGHUP: {}", s.message());
@@ -176,7 +322,7 @@ int CmdWebhook(const std::vector<std::string>& argv, std::ostream& out, std::ost
                store.HasGoodConfig() ? "loaded" : "none: annotating nothing");
   SdNotify("READY=1\nSTATUS=serving the admission webhook");
 
-  // 5. Run until told to stop; SIGHUP reloads the config and the certificate.
+  // 6. Run until told to stop; SIGHUP reloads the config and the certificate.
   int sig;
   while ((sig = signals.Wait()) == SIGHUP) {
     spdlog::info("SIGHUP: reloading {} and the serving certificate", store.path());
@@ -186,13 +332,14 @@ int CmdWebhook(const std::vector<std::string>& argv, std::ostream& out, std::ost
   spdlog::info("{}: stopping{}", sig == SIGTERM ? "SIGTERM" : "SIGINT",
                shutdown_delay_s ? " after " + std::to_string(shutdown_delay_s) + " s" : "");
 
-  // 6. Teardown, in reverse.
+  // 7. Teardown, in reverse.
   SdNotify("STOPPING=1");
   stopping.store(true);
   server.BeginDrain();
   if (shutdown_delay_s) std::this_thread::sleep_for(std::chrono::seconds(shutdown_delay_s));
   if (ops) ops->Stop();  // its scrape hooks read the server
   server.Stop();
+  tls_keeper.reset();
   watcher.Stop();
   spdlog::info("stopped");
   return 0;

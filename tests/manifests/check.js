@@ -1,26 +1,21 @@
 'use strict';
 // Offline checks of what deploys registry-proxy (run by tests/manifests/run.sh, a ctest entry):
 //
-//   node check.js manifests ROOT [--binary BIN] [--overlay DIR]...
-//       Renders every kustomization under ROOT/daemonset (and each extra overlay, e.g. the one
-//       scripts/webhook-cert.sh writes) with the small kustomize subset below, validates every
-//       object against the Kubernetes OpenAPI schemas (kubernetes-models, Kubernetes 1.27) and
-//       cert-manager's CRD schemas, rejects unknown fields (as `kubectl apply`'s strict field
-//       validation does), and checks that the pieces fit together: one image, ports, volumes,
-//       ConfigMap/Secret references, Service <-> webhook configuration, selectors, the installer
-//       contract, and (with --binary) that every flag the manifests pass exists.
+//   node check.js manifests ROOT [--binary BIN]
+//       Renders every kustomization under ROOT/daemonset with the real kustomize (`kubectl
+//       kustomize`, the kubectl named by $RP_KUBECTL), validates every object against the
+//       Kubernetes OpenAPI schemas (kubernetes-models, Kubernetes 1.27) and cert-manager's CRD
+//       schemas, rejects unknown fields (as `kubectl apply`'s strict field validation does), and
+//       checks that the pieces fit together: one image, ports, volumes, ConfigMap/Secret
+//       references, Service <-> webhook configuration, selectors, the webhook's certificate
+//       (its own, with RBAC narrowed to its objects, or cert-manager's), the installer contract,
+//       and (with --binary) that every flag the manifests pass exists. The default install
+//       (daemonset/) has nothing of cert-manager, and deploy/manifests.yaml is its rendering.
 //   node check.js packaging ROOT
 //       The Dockerfile (stages, COPY sources, user, entrypoint, image name) and the GitHub
 //       workflows (they parse; the image workflow publishes the manifests' image on tags).
 //   node check.js copy-sources ROOT
 //       Prints the Dockerfile's COPY sources (run.sh configures CMake from just those).
-//
-// The kustomize subset (kustomize itself is not packaged for Debian and cannot be downloaded
-// here): resources (files inside the kustomization's directory, as kustomize's load restrictor
-// demands, or directories), namespace, configMapGenerator/secretGenerator from files with
-// disableNameSuffixHash, patches with a target (a JSON 6902 list, or a strategic-merge patch of
-// maps only), images. Any other key is an error, so nothing is silently rendered differently
-// from kustomize.
 const fs = require('fs');
 const path = require('path');
 const { execFileSync } = require('child_process');
@@ -50,24 +45,10 @@ function readYamlDocs(file) {
 
 const isMap = (v) => v !== null && typeof v === 'object' && !Array.isArray(v);
 const clone = (v) => JSON.parse(JSON.stringify(v));
-const inside = (dir, p) => {
-  const r = path.relative(dir, p);
-  return r !== '' && !r.startsWith('..') && !path.isAbsolute(r);
-};
 
 // ---------------------------------------------------------------------------------------------
-// The kustomize subset
+// Rendering: the real kustomize
 
-const KUSTOMIZATION_KEYS = new Set([
-  'apiVersion',
-  'kind',
-  'namespace',
-  'resources',
-  'configMapGenerator',
-  'secretGenerator',
-  'patches',
-  'images',
-]);
 const CLUSTER_SCOPED = new Set([
   'Namespace',
   'MutatingWebhookConfiguration',
@@ -78,9 +59,6 @@ const CLUSTER_SCOPED = new Set([
   'PriorityClass',
   'CustomResourceDefinition',
   'PersistentVolume',
-  'StorageClass',
-  'RuntimeClass',
-  'APIService',
 ]);
 const WORKLOADS = new Set(['Deployment', 'DaemonSet', 'StatefulSet', 'ReplicaSet', 'Job']);
 
@@ -91,10 +69,6 @@ function podSpecOf(o) {
   return undefined;
 }
 const containersOf = (spec) => [...(spec?.initContainers || []), ...(spec?.containers || [])];
-const idOf = (o) => {
-  const group = (o.apiVersion || '').includes('/') ? o.apiVersion.split('/')[0] : '';
-  return `${group}/${o.kind}/${o.metadata?.namespace || ''}/${o.metadata?.name}`;
-};
 
 function kustomizationFile(dir) {
   for (const n of ['kustomization.yaml', 'kustomization.yml', 'Kustomization']) {
@@ -104,217 +78,30 @@ function kustomizationFile(dir) {
   return null;
 }
 
-function generatorFiles(dir, kfile, g, what) {
-  const data = {};
-  for (const entry of g.files || []) {
-    const [key, file] = entry.includes('=') ? entry.split('=', 2) : [path.basename(entry), entry];
-    const p = path.resolve(dir, file);
-    if (!inside(dir, p)) {
-      throw new RenderError(
-        `${rel(kfile)}: ${what} ${g.name}: file ${file} is outside ` +
-          `${rel(dir)} (kustomize refuses it: keep a copy inside)`,
-      );
-    }
-    if (!fs.existsSync(p)) throw new RenderError(`${rel(kfile)}: ${what} ${g.name}: no ${file}`);
-    data[key] = fs.readFileSync(p);
-  }
-  for (const k of Object.keys(g)) {
-    if (!['name', 'files', 'options', 'type'].includes(k)) {
-      throw new RenderError(`${rel(kfile)}: ${what} ${g.name}: '${k}' is not supported here`);
-    }
-  }
-  if (!g.options?.disableNameSuffixHash) {
-    throw new RenderError(
-      `${rel(kfile)}: ${what} ${g.name}: a name hash suffix is not modelled ` +
-        `(the manifests reference it by its fixed name): set ` +
-        `options.disableNameSuffixHash: true`,
-    );
-  }
-  const metadata = { name: g.name };
-  if (g.options.labels) metadata.labels = clone(g.options.labels);
-  if (g.options.annotations) metadata.annotations = clone(g.options.annotations);
-  return { data, metadata };
-}
+const KUBECTL = process.env.RP_KUBECTL || 'kubectl';
 
-function decodePointer(p) {
-  if (p === '') return [];
-  if (!p.startsWith('/')) throw new RenderError(`bad JSON pointer '${p}'`);
-  return p
-    .slice(1)
-    .split('/')
-    .map((s) => s.replace(/~1/g, '/').replace(/~0/g, '~'));
-}
-
-function applyJson6902(obj, ops, where) {
-  for (const op of ops) {
-    const parts = decodePointer(op.path);
-    const last = parts.pop();
-    let parent = obj;
-    for (const k of parts) {
-      if (parent === undefined || parent === null || !(k in parent)) {
-        throw new RenderError(`${where}: ${op.op} ${op.path}: no '${k}' on the way`);
-      }
-      parent = parent[k];
-    }
-    if (Array.isArray(parent)) {
-      const i = last === '-' ? parent.length : Number(last);
-      if (!Number.isInteger(i) || i < 0 || i > parent.length) {
-        throw new RenderError(`${where}: ${op.op} ${op.path}: bad index`);
-      }
-      if (op.op === 'add') parent.splice(i, 0, clone(op.value));
-      else if (op.op === 'replace' && i < parent.length) parent[i] = clone(op.value);
-      else if (op.op === 'remove' && i < parent.length) parent.splice(i, 1);
-      else throw new RenderError(`${where}: ${op.op} ${op.path}: not supported here`);
-    } else if (isMap(parent)) {
-      if (op.op === 'add') parent[last] = clone(op.value);
-      else if (op.op === 'replace' && last in parent) parent[last] = clone(op.value);
-      else if (op.op === 'remove' && last in parent) delete parent[last];
-      else throw new RenderError(`${where}: ${op.op} ${op.path}: nothing there to ${op.op}`);
-    } else {
-      throw new RenderError(`${where}: ${op.op} ${op.path}: parent is not a map or list`);
-    }
-  }
-}
-
-function mergePatch(target, patch, where, at = '') {
-  for (const [k, v] of Object.entries(patch)) {
-    if (Array.isArray(v)) {
-      throw new RenderError(
-        `${where}: list at ${at}/${k}: strategic merge of lists is not ` +
-          `modelled here (use a JSON 6902 patch)`,
-      );
-    }
-    if (v === null) delete target[k];
-    else if (isMap(v) && isMap(target[k])) mergePatch(target[k], v, where, `${at}/${k}`);
-    else target[k] = clone(v);
-  }
-}
-
-function targetMatches(t, o) {
-  if (t.kind && t.kind !== o.kind) return false;
-  if (t.name && t.name !== o.metadata?.name) return false;
-  if (t.namespace && t.namespace !== o.metadata?.namespace) return false;
-  const [group, version] = o.apiVersion.includes('/')
-    ? o.apiVersion.split('/')
-    : ['', o.apiVersion];
-  if (t.group !== undefined && t.group !== group) return false;
-  if (t.version !== undefined && t.version !== version) return false;
-  return true;
-}
-
-function splitImage(ref) {
-  let rest = ref;
-  let digest = '';
-  const at = rest.indexOf('@');
-  if (at >= 0) [rest, digest] = [rest.slice(0, at), rest.slice(at + 1)];
-  const slash = rest.lastIndexOf('/');
-  const colon = rest.lastIndexOf(':');
-  let tag = '';
-  if (colon > slash) [rest, tag] = [rest.slice(0, colon), rest.slice(colon + 1)];
-  return { name: rest, tag, digest };
-}
-
-function render(dir, stack = []) {
-  dir = path.resolve(dir);
-  if (stack.includes(dir)) throw new RenderError(`${rel(dir)}: resource cycle`);
-  const kfile = kustomizationFile(dir);
-  if (!kfile) throw new RenderError(`${rel(dir)}: no kustomization.yaml`);
-  const kdocs = readYamlDocs(kfile);
-  if (kdocs.length !== 1) throw new RenderError(`${rel(kfile)}: expected one document`);
-  const k = kdocs[0].obj;
-  if (k.apiVersion !== 'kustomize.config.k8s.io/v1beta1' || k.kind !== 'Kustomization') {
-    throw new RenderError(`${rel(kfile)}: not a kustomize.config.k8s.io/v1beta1 Kustomization`);
-  }
-  for (const key of Object.keys(k)) {
-    if (!KUSTOMIZATION_KEYS.has(key)) {
-      throw new RenderError(
-        `${rel(kfile)}: '${key}' is not modelled by tests/manifests/check.js ` +
-          `(supported: ${[...KUSTOMIZATION_KEYS].join(', ')})`,
-      );
-    }
-  }
-  let items = [];
-  for (const r of k.resources || []) {
-    const p = path.resolve(dir, r);
-    if (!fs.existsSync(p)) throw new RenderError(`${rel(kfile)}: resource ${r} does not exist`);
-    if (fs.statSync(p).isDirectory()) {
-      items.push(...render(p, [...stack, dir]));
-    } else {
-      if (!inside(dir, p)) {
-        throw new RenderError(
-          `${rel(kfile)}: resource file ${r} is outside ${rel(dir)} ` +
-            `(kustomize's load restrictor refuses it)`,
-        );
-      }
-      items.push(...readYamlDocs(p));
-    }
-  }
-  for (const g of k.configMapGenerator || []) {
-    const { data, metadata } = generatorFiles(dir, kfile, g, 'configMapGenerator');
-    const str = {};
-    for (const [key, buf] of Object.entries(data)) str[key] = buf.toString('utf8');
-    items.push({
-      obj: { apiVersion: 'v1', kind: 'ConfigMap', metadata, data: str },
-      src: `${rel(kfile)} configMapGenerator`,
+// `kubectl kustomize DIR`: its output text, or a RenderError with kustomize's own words.
+function kustomize(dir) {
+  try {
+    return execFileSync(KUBECTL, ['kustomize', dir], {
+      encoding: 'utf8',
+      stdio: ['ignore', 'pipe', 'pipe'],
+      maxBuffer: 64 << 20,
     });
+  } catch (e) {
+    const why = (e.stderr || e.message).toString().trim();
+    throw new RenderError(`${rel(dir)}: ${KUBECTL} kustomize failed: ${why}`);
   }
-  for (const g of k.secretGenerator || []) {
-    const { data, metadata } = generatorFiles(dir, kfile, g, 'secretGenerator');
-    const b64 = {};
-    for (const [key, buf] of Object.entries(data)) b64[key] = buf.toString('base64');
-    const obj = { apiVersion: 'v1', kind: 'Secret', metadata, data: b64 };
-    if (g.type) obj.type = g.type;
-    items.push({ obj, src: `${rel(kfile)} secretGenerator` });
-  }
-  (k.patches || []).forEach((p, i) => {
-    const where = `${rel(kfile)}: patches[${i}]`;
-    if (!p.target) throw new RenderError(`${where}: only patches with a target are modelled`);
-    const text = p.path ? fs.readFileSync(path.resolve(dir, p.path), 'utf8') : p.patch;
-    const doc = YAML.parse(text, { uniqueKeys: true });
-    const hits = items.filter((it) => targetMatches(p.target, it.obj));
-    if (hits.length === 0) throw new RenderError(`${where}: the target matches no object`);
-    for (const it of hits) {
-      if (Array.isArray(doc)) applyJson6902(it.obj, doc, where);
-      else if (isMap(doc)) mergePatch(it.obj, doc, where);
-      else throw new RenderError(`${where}: neither a JSON 6902 list nor a map`);
-    }
+}
+
+function parseRendered(text, name) {
+  const out = [];
+  YAML.parseAllDocuments(text, { uniqueKeys: true }).forEach((d, i) => {
+    if (d.errors.length) throw new RenderError(`${name}: output #${i}: ${d.errors[0].message}`);
+    const obj = d.toJS({ maxAliasCount: 100 });
+    if (obj) out.push({ obj, src: `${name}#${i} (${obj.kind}/${obj.metadata?.name})` });
   });
-  if (k.namespace) {
-    for (const it of items) {
-      if (!CLUSTER_SCOPED.has(it.obj.kind)) {
-        it.obj.metadata = it.obj.metadata || {};
-        it.obj.metadata.namespace = k.namespace;
-      }
-    }
-  }
-  (k.images || []).forEach((img, i) => {
-    let hits = 0;
-    for (const it of items) {
-      for (const c of containersOf(podSpecOf(it.obj))) {
-        const ref = splitImage(c.image || '');
-        if (ref.name !== img.name) continue;
-        hits++;
-        const name = img.newName || ref.name;
-        const tag = img.newTag !== undefined ? String(img.newTag) : ref.tag;
-        const digest = img.digest || ref.digest;
-        c.image = name + (tag && !digest ? `:${tag}` : '') + (digest ? `@${digest}` : '');
-      }
-    }
-    if (!hits)
-      throw new RenderError(`${rel(kfile)}: images[${i}] (${img.name}) matches no container`);
-  });
-  const seen = new Map();
-  for (const it of items) {
-    const id = idOf(it.obj);
-    if (seen.has(id)) {
-      throw new RenderError(
-        `${rel(kfile)}: ${id} twice (${seen.get(id)} and ${it.src}): ` +
-          `kustomize refuses duplicate objects`,
-      );
-    }
-    seen.set(id, it.src);
-  }
-  return items;
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -611,24 +398,22 @@ function cmakeVersion() {
   return m[1];
 }
 
-// The image every container runs: the one `images:` entry of daemonset/kustomization.yaml,
-// whose tag must be the CMake project version.
+// The image every container runs: the one `images:` entry of the component every variant
+// includes (daemonset/version), whose tag must be the CMake project version.
+const VERSION_FILE = 'daemonset/version/kustomization.yaml';
 function expectedImage() {
-  const k = readYamlDocs(path.join(ROOT, 'daemonset/kustomization.yaml'))[0].obj;
-  if (!k.images || k.images.length !== 1) {
-    throw new RenderError('daemonset/kustomization.yaml: expected exactly one images: entry');
+  const k = readYamlDocs(path.join(ROOT, VERSION_FILE))[0].obj;
+  if (k.kind !== 'Component' || !k.images || k.images.length !== 1) {
+    throw new RenderError(`${VERSION_FILE}: expected a Component with exactly one images: entry`);
   }
   const img = k.images[0];
   const name = img.newName || img.name;
   if (!/^ghcr\.io\/[a-z0-9-]+\/[a-z0-9-]+$/.test(name)) {
-    throw new RenderError(`daemonset/kustomization.yaml: image ${name} is not ghcr.io/ORG/NAME`);
+    throw new RenderError(`${VERSION_FILE}: image ${name} is not ghcr.io/ORG/NAME`);
   }
   const version = cmakeVersion();
   if (String(img.newTag) !== version) {
-    fail(
-      'daemonset/kustomization.yaml',
-      `image tag ${img.newTag} is not the CMake project ` + `version ${version}`,
-    );
+    fail(VERSION_FILE, `image tag ${img.newTag} is not the CMake project version ${version}`);
   }
   return { name, ref: `${name}:${version}` };
 }
@@ -716,6 +501,107 @@ function helpOf(binary, sub) {
   return helpCache.get(key);
 }
 
+// The rules bound to a ServiceAccount (Roles in its namespace through RoleBindings, and
+// ClusterRoles through ClusterRoleBindings), each with where it came from.
+function rulesOf(objs, ns, sa) {
+  const out = [];
+  const isSubject = (b) =>
+    (b.subjects || []).some(
+      (x) => x.kind === 'ServiceAccount' && x.name === sa && (x.namespace || b.metadata.namespace) === ns,
+    );
+  for (const b of objs.filter((o) => /^(Cluster)?RoleBinding$/.test(o.kind) && isSubject(o))) {
+    if (b.kind === 'RoleBinding' && b.metadata.namespace !== ns) continue;
+    const ref = b.roleRef || {};
+    const role = objs.find(
+      (r) =>
+        r.kind === ref.kind &&
+        r.metadata.name === ref.name &&
+        (r.kind === 'ClusterRole' || r.metadata.namespace === b.metadata.namespace),
+    );
+    if (!role) {
+      out.push({ missing: `${b.kind}/${b.metadata.name} refers to ${ref.kind}/${ref.name}, not in this set` });
+      continue;
+    }
+    const scope = b.kind === 'ClusterRoleBinding' ? '' : b.metadata.namespace;
+    for (const rule of role.rules || []) out.push({ rule, scope, from: `${role.kind}/${role.metadata.name}` });
+  }
+  return out;
+}
+
+// The webhook's certificate. With --tls-secret it keeps its own: it writes --tls-cert/--tls-key
+// into a writable emptyDir, reads and updates the Secret (shipped empty: it is not allowed to
+// create one), patches its MutatingWebhookConfiguration's caBundle, and may do nothing else
+// (every rule names its objects). Without it, it never talks to the API server: no token.
+function checkWebhookTls(o, c, cw, { objs, find, volumes, selfCaBundles }) {
+  const spec = podSpecOf(o);
+  const args = c.args || [];
+  const ns = o.metadata.namespace;
+  const sa = spec.serviceAccountName || 'default';
+  const rules = rulesOf(objs, ns, sa);
+  const secretName = flagValue(args, '--tls-secret');
+  if (!secretName) {
+    if (spec.automountServiceAccountToken !== false) {
+      fail(cw, 'without --tls-secret the webhook needs no API access: automountServiceAccountToken: false');
+    }
+    if (rules.length) fail(cw, `without --tls-secret its ServiceAccount ${sa} must have no rules`);
+    return;
+  }
+  for (const f of ['--tls-cert', '--tls-key']) {
+    const file = flagValue(args, f) || '';
+    const m = (c.volumeMounts || []).find((x) => file.startsWith(`${x.mountPath}/`));
+    const v = m && volumes.get(m.name);
+    if (!v?.emptyDir || m.readOnly) {
+      fail(cw, `--tls-secret writes ${f} ${file}: it must be in a writable emptyDir mount`);
+    }
+  }
+  if (spec.automountServiceAccountToken === false) {
+    fail(cw, '--tls-secret talks to the API server: automountServiceAccountToken must not be false');
+  }
+  for (const r of rules) if (r.missing) fail(cw, r.missing);
+  const allows = (group, resource, name, verb, scope) =>
+    rules.some(
+      ({ rule, scope: sc }) =>
+        rule &&
+        sc === scope &&
+        (rule.apiGroups || []).includes(group) &&
+        (rule.resources || []).includes(resource) &&
+        (rule.resourceNames || []).includes(name) &&
+        (rule.verbs || []).includes(verb),
+    );
+  for (const { rule, from } of rules.filter((r) => r.rule)) {
+    if (!(rule.resourceNames || []).length) fail(cw, `${from}: a rule without resourceNames`);
+    for (const v of rule.verbs || []) {
+      if (!['get', 'update', 'patch'].includes(v)) fail(cw, `${from}: verb ${v} is more than it needs`);
+    }
+  }
+  const secret = find('Secret', ns, secretName);
+  if (!secret) fail(cw, `--tls-secret ${secretName}: no such Secret in this set (it may not create one)`);
+  else if (Object.keys({ ...secret.data, ...secret.stringData }).length) {
+    fail(cw, `Secret ${secretName} must ship empty: an apply would overwrite what the webhook made`);
+  }
+  for (const verb of ['get', 'update']) {
+    if (!allows('', 'secrets', secretName, verb, ns)) {
+      fail(cw, `ServiceAccount ${sa} may not ${verb} Secret ${secretName}`);
+    }
+  }
+  const mwc = flagValue(args, '--webhook-configuration');
+  const service = flagValue(args, '--service') || 'registry-proxy-webhook';
+  if (!mwc) return fail(cw, '--tls-secret without --webhook-configuration: nobody sets the caBundle');
+  if (!find('MutatingWebhookConfiguration', '', mwc)) {
+    fail(cw, `--webhook-configuration ${mwc}: not in this set`);
+  }
+  for (const verb of ['get', 'patch']) {
+    if (!allows('admissionregistration.k8s.io', 'mutatingwebhookconfigurations', mwc, verb, '')) {
+      fail(cw, `ServiceAccount ${sa} may not ${verb} MutatingWebhookConfiguration ${mwc}`);
+    }
+  }
+  const svc = find('Service', ns, service);
+  if (!svc || !labelsMatch(svc.spec?.selector, o.spec?.template?.metadata?.labels)) {
+    fail(cw, `--service ${service} is not a Service of this set that selects this webhook`);
+  }
+  selfCaBundles.add(`${mwc}/${ns}/${service}`);
+}
+
 function checkSet(name, items, image, binary) {
   const objs = items.map((it) => it.obj);
   const where = (o) => `${name}: ${o.kind}/${o.metadata?.name}`;
@@ -728,6 +614,7 @@ function checkSet(name, items, image, binary) {
     objs.filter((o) => o.kind === 'Namespace').map((o) => o.metadata.name),
   );
   const certSecrets = new Map();
+  const selfCaBundles = new Set(); // `${webhook configuration}/${service}` a webhook keeps itself
   for (const o of objs.filter((x) => x.kind === 'Certificate')) {
     certSecrets.set(objKey('Secret', o.metadata.namespace, o.spec?.secretName), o);
   }
@@ -736,7 +623,9 @@ function checkSet(name, items, image, binary) {
     const ns = o.metadata?.namespace;
     if (!CLUSTER_SCOPED.has(o.kind)) {
       if (!ns) fail(where(o), 'no namespace');
-      else if (!namespaces.has(ns)) fail(where(o), `namespace ${ns} is not created by this set`);
+      else if (!namespaces.has(ns) && !IN_EXISTING_NAMESPACE.has(name)) {
+        fail(where(o), `namespace ${ns} is not created by this set`);
+      }
     }
   }
 
@@ -969,6 +858,7 @@ function checkSet(name, items, image, binary) {
         if (!(c.ports || []).some((p) => p.containerPort === listenPort)) {
           fail(cw, `--listen port ${listenPort} is not a container port`);
         }
+        checkWebhookTls(o, c, cw, { objs, find, volumes, selfCaBundles });
         if (
           !objs.some(
             (p) =>
@@ -1056,10 +946,14 @@ function checkSet(name, items, image, binary) {
         else if (!(cert.spec.dnsNames || []).includes(`${s.name}.${s.namespace}.svc`)) {
           fail(hw, `Certificate ${inject} does not name ${s.name}.${s.namespace}.svc`);
         }
-      } else if (!hook.clientConfig.caBundle) {
+      } else if (
+        !hook.clientConfig.caBundle &&
+        !selfCaBundles.has(`${wc.metadata.name}/${s.namespace}/${s.name}`)
+      ) {
         fail(
           hw,
-          'no caBundle and no cert-manager.io/inject-ca-from: the API server cannot trust it',
+          'no caBundle, no cert-manager.io/inject-ca-from and no webhook that keeps it ' +
+            '(--tls-secret with --webhook-configuration): the API server cannot trust it',
         );
       }
       const notIn = (hook.namespaceSelector?.matchExpressions || []).find(
@@ -1296,12 +1190,43 @@ function findKustomizations(dir, out = []) {
 }
 
 // Kustomizations that are parts of others, not applied alone: the webhook needs the Namespace
-// and the ConfigMap from daemonset/node, and a certificate from one of its variants.
-const PARTS = new Set(['daemonset/webhook', 'daemonset/webhook/cert-manager']);
+// and the ConfigMap from daemonset/node; a Component is only ever included.
+const PARTS = new Set(['daemonset/webhook']);
+// Variants applied into the namespace an install made (the uninstaller must not delete it).
+const IN_EXISTING_NAMESPACE = new Set(['daemonset/uninstall']);
+const isComponent = (dir) =>
+  readYamlDocs(kustomizationFile(dir))[0]?.obj?.kind === 'Component';
+const DEFAULT = 'daemonset';
+const SINGLE_FILE = 'deploy/manifests.yaml';
+
+// The default install: nothing of cert-manager (a cluster without it must take it whole), and
+// deploy/manifests.yaml is exactly its rendering after the file's own comment lines.
+function checkDefault(text, items) {
+  for (const { obj } of items) {
+    if (/cert-manager\.io/.test(obj.apiVersion || '')) {
+      fail(DEFAULT, `${obj.kind}/${obj.metadata?.name} is a cert-manager kind`);
+    }
+    for (const k of Object.keys(obj.metadata?.annotations || {})) {
+      if (k.includes('cert-manager')) {
+        fail(DEFAULT, `${obj.kind}/${obj.metadata?.name} has the annotation ${k}`);
+      }
+    }
+  }
+  const file = path.join(ROOT, SINGLE_FILE);
+  if (!fs.existsSync(file)) return fail(SINGLE_FILE, 'missing (scripts/render-manifests.sh)');
+  const body = fs
+    .readFileSync(file, 'utf8')
+    .split('\n')
+    .filter((l, i, all) => !(l.startsWith('#') && all.slice(0, i).every((x) => x.startsWith('#'))))
+    .join('\n');
+  if (body !== text) {
+    fail(SINGLE_FILE, `differs from \`kubectl kustomize ${DEFAULT}\` (run scripts/render-manifests.sh)`);
+  }
+}
 
 // Runs one mode's checks on the tree at `root`; returns the problems found (none: it passed).
 // selftest.js calls it in-process for each broken copy.
-function check(mode, root, { binary = null, overlays = [], log = console.log } = {}) {
+function check(mode, root, { binary = null, log = console.log } = {}) {
   errors.length = 0;
   ROOT = path.resolve(root);
   try {
@@ -1323,13 +1248,15 @@ function check(mode, root, { binary = null, overlays = [], log = console.log } =
           'differs from config/config.yaml (it must be an exact copy)',
         );
       }
-      const dirs = [...findKustomizations(path.join(ROOT, 'daemonset')), ...overlays];
+      const dirs = findKustomizations(path.join(ROOT, 'daemonset')).filter((d) => !isComponent(d));
       let objects = 0;
       for (const dir of dirs) {
         const name = path.relative(ROOT, dir) || dir;
         let items;
         try {
-          items = render(dir);
+          const text = kustomize(dir);
+          items = parseRendered(text, name);
+          if (name === DEFAULT) checkDefault(text, items);
         } catch (e) {
           if (!(e instanceof RenderError)) throw e;
           fail(name, e.message);
@@ -1345,8 +1272,9 @@ function check(mode, root, { binary = null, overlays = [], log = console.log } =
         );
       }
       log(
-        `validated ${objects} objects in ${dirs.length} kustomizations against the ` +
-          `Kubernetes 1.27 and cert-manager schemas; image ${image.ref}`,
+        `validated ${objects} objects in ${dirs.length} kustomizations rendered by ` +
+          `${KUBECTL} kustomize against the Kubernetes 1.27 and cert-manager schemas; ` +
+          `image ${image.ref}`,
       );
     } else {
       fail(mode, 'unknown mode');
@@ -1362,16 +1290,13 @@ function main() {
   const [mode, root, ...rest] = process.argv.slice(2);
   if (!mode || !root) {
     console.error(
-      'usage: check.js manifests|packaging|copy-sources ROOT [--binary BIN] ' +
-        '[--overlay DIR]...',
+      'usage: check.js manifests|packaging|copy-sources ROOT [--binary BIN]',
     );
     process.exit(2);
   }
   let binary = null;
-  const overlays = [];
   for (let i = 0; i < rest.length; i++) {
     if (rest[i] === '--binary') binary = rest[++i];
-    else if (rest[i] === '--overlay') overlays.push(path.resolve(rest[++i]));
     else {
       console.error(`unknown argument ${rest[i]}`);
       process.exit(2);
@@ -1382,7 +1307,7 @@ function main() {
     for (const { src } of copySources()) console.log(src);
     return;
   }
-  const problems = check(mode, root, { binary, overlays });
+  const problems = check(mode, root, { binary });
   if (problems.length) {
     for (const e of problems) console.error(`FAIL ${e}`);
     console.error(`${problems.length} problem(s)`);

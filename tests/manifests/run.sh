@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The offline deployment checks, one ctest entry per mode (label `manifests`):
 #
-#   tests/manifests/run.sh manifests ROOT [BINARY]   daemonset/ (and the overlay that
-#                                                     scripts/webhook-cert.sh writes) against the
-#                                                     Kubernetes schemas, and consistency
+#   tests/manifests/run.sh manifests ROOT [BINARY]   daemonset/, rendered by the real kustomize
+#                                                     (kubectl kustomize), against the Kubernetes
+#                                                     schemas, and consistency; every other
+#                                                     kubectl found renders it identically
 #   tests/manifests/run.sh packaging ROOT            the Dockerfile and .github/workflows; CMake
 #                                                     configures from the Dockerfile's COPY sources
 #   tests/manifests/run.sh selftest ROOT [BINARY]    the checks fail on broken copies
@@ -13,6 +14,10 @@
 # once into a cache directory keyed by the lock file's hash: $RP_NPM_CACHE, else
 # ~/.cache/registry-proxy/manifests-npm. Without node or npm, or when npm cannot reach its
 # registry, it skips (exit 77) with the reason, unless RP_REQUIRE_INTEGRATION=1.
+#
+# kubectl: $RP_KUBECTL, else `kubectl` on PATH when it is 1.27 or newer, else Debian's own
+# kubectl package from trixie, fetched into a cache by scripts/fetch-deb.sh (it never touches
+# the system's apt sources).
 set -euo pipefail
 
 mode=${1:?usage: run.sh manifests|packaging|selftest ROOT [BINARY]}
@@ -57,6 +62,25 @@ if ! (
 fi
 export RP_NODE_MODULES=$modules NODE_PATH=$modules
 
+# A kubectl whose kustomize is what users run (kubectl 1.27 carries kustomize 5.0).
+kubectl_minor() { "$1" version --client -o json 2>/dev/null | node -e \
+  'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{try{console.log(parseInt(JSON.parse(s).clientVersion.minor))}catch(e){console.log(0)}})'; }
+pick_kubectl() {
+  if [ -n "${RP_KUBECTL:-}" ]; then echo "$RP_KUBECTL"; return; fi
+  if command -v kubectl >/dev/null && [ "$(kubectl_minor kubectl)" -ge 27 ]; then
+    command -v kubectl
+    return
+  fi
+  local dir
+  dir=$("$root/scripts/fetch-deb.sh" kubectl 1.32) || return 1
+  echo "$dir/usr/bin/kubectl"
+}
+if [ "$mode" = manifests ] || [ "$mode" = selftest ]; then
+  RP_KUBECTL=$(pick_kubectl) || skip "no kubectl >= 1.27 and Debian's could not be fetched"
+  export RP_KUBECTL
+  echo "kustomize: $RP_KUBECTL ($("$RP_KUBECTL" version --client 2>/dev/null | tr '\n' ' '))"
+fi
+
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 bin_args=()
@@ -64,11 +88,29 @@ bin_args=()
 
 case "$mode" in
   manifests)
-    # The overlay scripts/webhook-cert.sh writes (node daemon + webhook, openssl-made CA).
-    command -v openssl >/dev/null || skip "openssl is not installed"
-    bash "$root/scripts/webhook-cert.sh" "$tmp/openssl-overlay" >/dev/null 2>"$tmp/cert.log" ||
-      { cat "$tmp/cert.log" >&2; exit 1; }
-    node "$here/check.js" manifests "$root" --overlay "$tmp/openssl-overlay" "${bin_args[@]}"
+    node "$here/check.js" manifests "$root" "${bin_args[@]}"
+    # Every other kubectl on this machine (these dev machines carry 1.27-1.33) renders every
+    # variant, byte for byte as the one above.
+    mapfile -t dirs < <(cd "$root" && find daemonset -name kustomization.yaml -printf '%h\n' | sort)
+    others=()
+    for k in /usr/lib/google-cloud-sdk/bin/kubectl.1.* $(command -v kubectl || true); do
+      [ -x "$k" ] && [ "$(readlink -f "$k")" != "$(readlink -f "$RP_KUBECTL")" ] && others+=("$k")
+    done
+    rendered=0
+    for d in "${dirs[@]}"; do
+      grep -q '^kind: Component' "$root/$d/kustomization.yaml" && continue
+      rendered=$((rendered + 1))
+      "$RP_KUBECTL" kustomize "$root/$d" >"$tmp/want.yaml"
+      for k in "${others[@]}"; do
+        if ! "$k" kustomize "$root/$d" >"$tmp/got.yaml" 2>"$tmp/err"; then
+          echo "FAIL: $k kustomize $d: $(cat "$tmp/err")" >&2
+          exit 1
+        fi
+        cmp -s "$tmp/want.yaml" "$tmp/got.yaml" ||
+          { echo "FAIL: $k kustomize $d renders differently:" >&2; diff "$tmp/want.yaml" "$tmp/got.yaml" >&2; exit 1; }
+      done
+    done
+    echo "rendered $rendered kustomizations with ${#others[@]} other kubectl(s) too: identical"
     ;;
   packaging)
     node "$here/check.js" packaging "$root"
