@@ -79,7 +79,8 @@ echo "files: unit and config as in the repository; binary runs"
 # 4. dpkg in a fake root.
 make_root() {
   local r=$1
-  mkdir -p "$r"/var/lib/dpkg/{info,updates,triggers} "$r/bin" "$r/usr/bin" "$r/dev" "$r/tmp"
+  mkdir -p "$r"/var/lib/dpkg/{info,updates,triggers} "$r/bin" "$r/usr/bin" "$r/dev" "$r/tmp" \
+    "$r/opt"  # as base-files' postinst makes it: a directory no package owns
   : >"$r/var/lib/dpkg/status"
   cp /bin/busybox "$r/bin/"
   ln -s busybox "$r/bin/sh"
@@ -118,8 +119,10 @@ dpkg_in "$r" -r registry-proxy
   [ ! -e "$r/lib/systemd/system/registry-proxy.socket" ] ||
   fail "remove left the binary or the unit"
 grep -q "changed by the operator" "$r/etc/registry-proxy/config.yaml" || fail "remove dropped the conffile"
+[ -d "$r/opt" ] || fail "remove deleted /opt (no package owns it; it was there before)"
 dpkg_in "$r" -P registry-proxy
 [ ! -e "$r/etc/registry-proxy" ] || fail "purge left /etc/registry-proxy"
+[ -d "$r/opt" ] && [ "$(stat -c %a "$r/opt")" = 755 ] || fail "purge deleted /opt or changed its mode"
 if grep -qi kubelet "$r/systemctl.calls"; then fail "a maintainer script touched kubelet"; fi
 echo "dpkg with systemd: install, upgrade (conffile kept), remove (conffile kept), purge: ok"
 
