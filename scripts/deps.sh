@@ -8,7 +8,7 @@ RP_BUILD_PKGS=(cmake ninja-build g++ pkg-config
   patchelf)
 RP_TEST_PKGS=(libgtest-dev libgmock-dev libbenchmark-dev clang libclang-rt-14-dev
   containerd runc docker-registry umoci skopeo busybox-static openssl curl wrk socat
-  systemd)
+  systemd systemd-container debootstrap)
 
 rp_install_deps() {
   local want=("${RP_BUILD_PKGS[@]}")
@@ -38,7 +38,7 @@ rp_build() {
   local dir=$1
   shift
   if [ ! -f "$dir/build.ninja" ]; then
-    cmake -S "$RP_ROOT" -B "$dir" -G Ninja "$@" >/dev/null
+    cmake -S "$RP_ROOT" -B "$dir" -G Ninja -DRP_WERROR="${RP_WERROR:-OFF}" "$@" >/dev/null
   fi
   cmake --build "$dir" -j "${RP_JOBS:-2}"
 }

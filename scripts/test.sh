@@ -14,6 +14,8 @@ BUILD=${RP_BUILD_DIR:-$RP_ROOT/build}
 FUZZ_SECONDS=${RP_FUZZ_SECONDS:-30}
 
 rp_install_deps test
+# Our own code's warnings are errors here (not in users' and packagers' builds).
+export RP_WERROR=ON
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 # In CI the integration tests (real containerd and registries, root) must run, not skip.
 if [ "${CI:-}" = "true" ]; then export RP_REQUIRE_INTEGRATION=1; fi

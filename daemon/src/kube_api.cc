@@ -42,18 +42,17 @@ class InCluster final : public KubeApi {
     std::lock_guard<std::mutex> lock(mu_);
     client_.set_bearer_token_auth(token->c_str());
     httplib::Headers headers{{"Accept", "application/json"}};
-    httplib::Result r;
-    if (method == "GET") {
-      r = client_.Get(path.c_str(), headers);
-    } else if (method == "PUT") {
-      r = client_.Put(path.c_str(), headers, body, content_type.c_str());
-    } else if (method == "PATCH") {
-      r = client_.Patch(path.c_str(), headers, body, content_type.c_str());
-    } else if (method == "POST") {
-      r = client_.Post(path.c_str(), headers, body, content_type.c_str());
-    } else {
+    auto send = [&]() -> httplib::Result {
+      if (method == "GET") return client_.Get(path.c_str(), headers);
+      if (method == "PUT") return client_.Put(path.c_str(), headers, body, content_type.c_str());
+      if (method == "PATCH")
+        return client_.Patch(path.c_str(), headers, body, content_type.c_str());
+      return client_.Post(path.c_str(), headers, body, content_type.c_str());
+    };
+    if (method != "GET" && method != "PUT" && method != "PATCH" && method != "POST") {
       return out.error = "unsupported method " + method, out;
     }
+    httplib::Result r = send();
     if (!r) {
       out.error = StrCat({"no answer from the API server: ", httplib::to_string(r.error())});
       if (r.error() == httplib::Error::SSLServerVerification) {

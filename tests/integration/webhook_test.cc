@@ -435,6 +435,8 @@ TEST_F(WebhookTest, CertificateRotationWhileServing) {
 // Service's DNS name, it verifies against the CA bundle (what the API server gets as caBundle)
 // with a real client; a renewal under the same CA is served from the next handshake on.
 TEST_F(WebhookTest, ItsOwnCertificateVerifiesForTheServiceAndARenewalIsServed) {
+  using registry_proxy::RenewTls;
+  using registry_proxy::TlsPolicy;
   const fs::path out = work_ / "tls";
   TlsPolicy policy;
   policy.dns_names = {"registry-proxy-webhook.registry-proxy.svc",

@@ -1104,7 +1104,7 @@ function checkPackaging(image) {
       `ENTRYPOINT ${JSON.stringify(entrypoint)}: expected /opt/registry-proxy/bin/registry-proxy`,
     );
   }
-  const webhook = render(path.join(ROOT, 'daemonset/webhook'))
+  const webhook = parseRendered(kustomize(path.join(ROOT, 'daemonset/webhook')), 'daemonset/webhook')
     .map((it) => it.obj)
     .find((o) => o.kind === 'Deployment');
   const uid = webhook?.spec?.template?.spec?.securityContext?.runAsUser;

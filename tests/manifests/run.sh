@@ -75,7 +75,7 @@ pick_kubectl() {
   dir=$("$root/scripts/fetch-deb.sh" kubectl 1.32) || return 1
   echo "$dir/usr/bin/kubectl"
 }
-if [ "$mode" = manifests ] || [ "$mode" = selftest ]; then
+if [ "$mode" != copy-sources ]; then
   RP_KUBECTL=$(pick_kubectl) || skip "no kubectl >= 1.27 and Debian's could not be fetched"
   export RP_KUBECTL
   echo "kustomize: $RP_KUBECTL ($("$RP_KUBECTL" version --client 2>/dev/null | tr '\n' ' '))"
