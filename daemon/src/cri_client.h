@@ -29,9 +29,15 @@ class CriClient {
   using Duration = std::chrono::milliseconds;
   static constexpr Duration kDefaultTimeout = std::chrono::seconds(30);
 
-  // The channel connects lazily, so this never fails on a missing socket; the first call
-  // does (UNAVAILABLE). Reconnects back off for at most ~1 s: the peer is local, and tests
-  // restart containerd under a live client.
+  // A connection attempt gets this long to complete its handshake (gRPC's minimum connect
+  // timeout): a starting daemon answers once it is up.
+  static constexpr int kConnectTimeoutMs = 20000;
+
+  // The channel connects lazily, so this never fails on a missing socket. Calls wait for a
+  // connection up to their timeout (wait-for-ready, as crictl does: a daemon that is restarting
+  // or socket-activated answers once up); without one by then they fail UNAVAILABLE. Reconnects
+  // back off for at most ~1 s: the peer is local, and tests restart containerd under a live
+  // client.
   static Result<std::unique_ptr<CriClient>> Connect(std::string_view endpoint);
 
   const std::string& endpoint() const { return endpoint_; }
@@ -50,11 +56,13 @@ class CriClient {
   runtime::v1::RuntimeService::Stub& runtime() { return *runtime_; }
   runtime::v1::ImageService::Stub& images() { return *images_; }
 
-  // A context with the given timeout (none when timeout is zero or negative).
+  // A context with the given timeout (none when timeout is zero or negative), wait-for-ready.
   static void SetTimeout(grpc::ClientContext* ctx, Duration timeout);
 
  private:
   CriClient(std::string endpoint, std::shared_ptr<grpc::Channel> channel);
+  // A call's status; DEADLINE_EXCEEDED without a connection becomes UNAVAILABLE, saying so.
+  grpc::Status Finish(grpc::Status s, Duration timeout) const;
 
   std::string endpoint_;
   std::shared_ptr<grpc::Channel> channel_;

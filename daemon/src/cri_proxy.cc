@@ -397,8 +397,11 @@ std::shared_ptr<grpc::Channel> MakeUpstreamChannel(const std::string& endpoint,
   args.SetMaxSendMessageSize(max_message_bytes);
   // containerd restarts take seconds; come back within one of it being up again.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  // Also gRPC's minimum connect timeout (the time an attempt has to receive the peer's SETTINGS
+  // frame): at 100 ms a containerd slow to answer (starting, busy) failed pulls with "connection
+  // attempt timed out before receiving SETTINGS frame". Calls keep their own deadlines.
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 20000);
   // No retry machinery: it buffers every call's send ops in case it must replay them, and the
   // proxy must not replay anyway (the caller, kubelet, decides that).
   args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
