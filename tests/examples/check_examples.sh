@@ -18,6 +18,10 @@ set -uo pipefail
 bin=$1
 root=$2
 cd "$root" || exit 2
+if [ ! -x "$bin" ]; then
+  echo "FAIL: no registry-proxy binary at $bin"
+  exit 1
+fi
 fail=0
 bad() {
   echo "FAIL: $*"
