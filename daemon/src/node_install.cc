@@ -11,8 +11,10 @@
 #include <algorithm>
 #include <cerrno>
 #include <csignal>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <iostream>
 #include <map>
 #include <set>
 #include <sstream>
@@ -536,6 +538,11 @@ Status NodeInstall(const NodeInstallOptions& o, Systemctl* systemctl, DaemonProb
   Manifest& m = manifest.value();
   const bool installed_before = !m.files.empty();
   if (Status s = systemctl->Reachable(); !s.ok()) return s;
+  // What we logged goes out before what systemctl prints (a pod's log is one stream).
+  auto run = [&](const std::vector<std::string>& args) {
+    log.flush();
+    return systemctl->Run(args);
+  };
 
   // 2. Files.
   bool daemon_changed = false;  // binary, libraries or unit: a running daemon must restart
@@ -584,12 +591,12 @@ Status NodeInstall(const NodeInstallOptions& o, Systemctl* systemctl, DaemonProb
 
   // 3. systemd.
   if (unit_changed || !installed_before) {
-    if (Status s = systemctl->Run({"daemon-reload"}); !s.ok()) return s;
+    if (Status s = run({"daemon-reload"}); !s.ok()) return s;
   }
-  if (Status s = systemctl->Run({"enable", "--now", kSocketName, kUnitName}); !s.ok()) return s;
+  if (Status s = run({"enable", "--now", kSocketName, kUnitName}); !s.ok()) return s;
   if (installed_before && daemon_changed) {
     // The socket stays (systemd's): calls made meanwhile wait for the new daemon.
-    if (Status s = systemctl->Run({"restart", kUnitName}); !s.ok()) return s;
+    if (Status s = run({"restart", kUnitName}); !s.ok()) return s;
   }
 
   // 4. Serving?
@@ -608,7 +615,7 @@ Status NodeInstall(const NodeInstallOptions& o, Systemctl* systemctl, DaemonProb
     if (Status s = SaveManifest(host, &m); !s.ok()) return s;
     if (!edited.ok()) return edited.status();
     if (*edited) {
-      if (Status s = systemctl->Run({"restart", kKubeletUnit}); !s.ok()) return s;
+      if (Status s = run({"restart", kKubeletUnit}); !s.ok()) return s;
       log << "restarted kubelet\n";
     } else {
       log << "kubelet already uses " << endpoint << "\n";
@@ -631,14 +638,6 @@ Status NodeUninstall(const NodeUninstallOptions& o, Systemctl* systemctl, std::o
   auto manifest = LoadManifest(host);
   if (!manifest.ok()) return manifest.status();
   Manifest& m = manifest.value();
-  if (Status s = systemctl->Reachable(); !s.ok()) return s;
-  // Which endpoint we set: the installed config's listen (default if none).
-  std::string endpoint = "unix://" + *UnixSocketPath(BuiltinConfig()->node.listen);
-  if (ConfigLoad load = LoadConfigFile(host.Path(kConfigPath)); load.ok()) {
-    if (auto p = UnixSocketPath(load.config->node.listen); p.ok()) endpoint = "unix://" + *p;
-  }
-
-  // 1. kubelet first: it must stop using our socket before the socket goes.
   std::map<std::string, std::string> edits = m.edits;
   if (edits.empty()) {
     // No manifest (or an old one): revert what our backups say we did.
@@ -648,6 +647,26 @@ Status NodeUninstall(const NodeUninstallOptions& o, Systemctl* systemctl, std::o
       if (Exists(host.Path(path) + kBackupSuffix)) edits[path] = key;
     }
   }
+  const bool units = Exists(host.Path(kUnitPath)) || Exists(host.Path(kSocketPath));
+  if (m.files.empty() && m.dirs.empty() && edits.empty() && !units &&
+      !Exists(host.Path(kManifestPath)) && !Exists(host.Path(kBinPath))) {
+    // Nothing of ours here: done, whether or not this host has a systemd to ask.
+    ::rmdir(host.Path(kRuntimeDir).c_str());
+    log << "nothing to uninstall: no registry-proxy install under " << host.root() << "\n";
+    return Status::Ok();
+  }
+  if (Status s = systemctl->Reachable(); !s.ok()) return s;
+  auto run = [&](const std::vector<std::string>& args) {
+    log.flush();  // what we logged goes out before what systemctl prints
+    return systemctl->Run(args);
+  };
+  // Which endpoint we set: the installed config's listen (default if none).
+  std::string endpoint = "unix://" + *UnixSocketPath(BuiltinConfig()->node.listen);
+  if (ConfigLoad load = LoadConfigFile(host.Path(kConfigPath)); load.ok()) {
+    if (auto p = UnixSocketPath(load.config->node.listen); p.ok()) endpoint = "unix://" + *p;
+  }
+
+  // 1. kubelet first: it must stop using our socket before the socket goes.
   auto is_kubelet = [&](const std::string& key) { return key == kKubeletKey; };
   for (bool kubelet_pass : {true, false}) {
     for (const auto& [path, key] : edits) {
@@ -656,15 +675,15 @@ Status NodeUninstall(const NodeUninstallOptions& o, Systemctl* systemctl, std::o
       if (!changed.ok()) return changed.status();
       m.edits.erase(path);
       if (*changed && kubelet_pass) {
-        if (Status s = systemctl->Run({"restart", kKubeletUnit}); !s.ok()) return s;
+        if (Status s = run({"restart", kKubeletUnit}); !s.ok()) return s;
         log << "restarted kubelet\n";
       }
     }
   }
 
   // 2. The daemon (when its unit is still there: a rerun after a partial uninstall goes on).
-  if (Exists(host.Path(kUnitPath)) || Exists(host.Path(kSocketPath))) {
-    if (Status s = systemctl->Run({"disable", "--now", kUnitName, kSocketName}); !s.ok()) {
+  if (units) {
+    if (Status s = run({"disable", "--now", kUnitName, kSocketName}); !s.ok()) {
       return s;
     }
   }
@@ -699,7 +718,7 @@ Status NodeUninstall(const NodeUninstallOptions& o, Systemctl* systemctl, std::o
       log << "left " << real << "/: " << Errno(errno) << "\n";
     }
   }
-  if (Status s = systemctl->Run({"daemon-reload"}); !s.ok()) return s;
+  if (Status s = run({"daemon-reload"}); !s.ok()) return s;
   log << "uninstalled\n";
   return Status::Ok();
 }
@@ -716,8 +735,23 @@ struct NodeConfigSync::Impl {
   mutable std::mutex mu;  // guards stats and the log
   Stats stats;
 
+  std::optional<std::string> plain_target;  // `node sync-config`: this file only
+
   Impl(const NodeInstallOptions& o, std::ostream* l)
       : options(o), log(l), host(o.host_root), store(*o.config_from), watcher(&store, {}) {}
+
+  // Writes plain_target when its bytes or mode differ; returns whether it did.
+  Result<bool> WritePlain(const std::string& yaml, std::ostream& out) {
+    const std::string& path = *plain_target;
+    auto existing = ReadIfExists(path, kMaxTextBytes);
+    if (!existing.ok()) return existing.status();
+    if (*existing && (*existing)->data == yaml && ((*existing)->mode & 07777) == 0644) {
+      return false;
+    }
+    if (Status s = WriteFileAtomic(path, yaml, 0644); !s.ok()) return s;
+    out << "wrote " << path << "\n";
+    return true;
+  }
 
   // Listener calls are never concurrent; the lock makes a copy and its count one step for
   // stats() readers.
@@ -734,11 +768,16 @@ struct NodeConfigSync::Impl {
         error = load.ErrorText();
       } else {
         std::ostringstream out;
-        auto m = LoadManifest(host);
-        Result<bool> w = m.ok() ? ManagedWrite(host, &m.value(), kConfigPath, yaml, 0644, out)
-                                : Result<bool>(m.status());
-        if (w.ok() && *w) {
-          if (Status s = SaveManifest(host, &m.value()); !s.ok()) w = s;
+        Result<bool> w = false;
+        if (plain_target) {
+          w = WritePlain(yaml, out);
+        } else {
+          auto m = LoadManifest(host);
+          w = m.ok() ? ManagedWrite(host, &m.value(), kConfigPath, yaml, 0644, out)
+                     : Result<bool>(m.status());
+          if (w.ok() && *w) {
+            if (Status s = SaveManifest(host, &m.value()); !s.ok()) w = s;
+          }
         }
         if (!w.ok()) {
           stats.last_error = w.error();
@@ -763,6 +802,19 @@ NodeConfigSync::NodeConfigSync(const NodeInstallOptions& options, std::ostream* 
   impl_->store.SetListener([impl](ReloadResult r, const ReloadStats&) {
     if (r != ReloadResult::kUnchanged) impl->Sync();
   });
+}
+
+namespace {
+NodeInstallOptions SyncOnlyOptions(std::string config_from) {
+  NodeInstallOptions o;
+  o.config_from = std::move(config_from);
+  return o;
+}
+}  // namespace
+
+NodeConfigSync::NodeConfigSync(std::string config_from, std::string host_config, std::ostream* log)
+    : NodeConfigSync(SyncOnlyOptions(std::move(config_from)), log) {
+  impl_->plain_target = std::move(host_config);
 }
 
 NodeConfigSync::~NodeConfigSync() { Stop(); }
@@ -793,28 +845,30 @@ std::string Readlink(const std::string& path) {
 
 class HostSystemctl final : public Systemctl {
  public:
-  explicit HostSystemctl(std::string host_root) : root_(std::move(host_root)) {}
+  HostSystemctl(std::string host_root, std::string pod)
+      : root_(std::move(host_root)), pod_(std::move(pod)) {}
 
   Status Reachable() override {
     std::error_code ec;
     if (fs::equivalent(root_, "/", ec)) return Status::Ok();
     // The host's / is mounted at root_: we are in a pod. The host's systemd is our PID 1 only
     // with hostPID, and then it is in another mount namespace than ours.
-    std::string comm;
+    const Host host(root_);
+    HostSystemdFacts f;
+    f.host_root = host.root();
     if (auto r = ReadRegularFile("/proc/1/comm", 256); auto* c = std::get_if<FileContents>(&r)) {
-      comm = c->data;
-      while (!comm.empty() && comm.back() == '\n') comm.pop_back();
+      f.pid1_comm = c->data;
+      while (!f.pid1_comm.empty() && f.pid1_comm.back() == '\n') f.pid1_comm.pop_back();
     }
-    if (comm != "systemd" && comm != "init") {
-      return Status::Error("cannot reach the host's systemd: PID 1 is '" + comm +
-                           "', not systemd (the installer pod needs hostPID: true)");
+    f.host_runs_systemd = fs::is_directory(host.Path("/run/systemd/system"), ec);
+    const std::string host_pid_ns = Readlink(host.Path("/proc/1/ns/pid"));
+    const std::string our_pid_ns = Readlink("/proc/self/ns/pid");
+    if (!host_pid_ns.empty() && !our_pid_ns.empty()) {
+      f.in_host_pid_namespace = host_pid_ns == our_pid_ns;
     }
-    if (Readlink("/proc/1/ns/mnt") == Readlink("/proc/self/ns/mnt")) {
-      return Status::Error("--host-root " + root_ +
-                           " is not /, but this process already runs in the host's mount "
-                           "namespace: use --host-root /");
-    }
-    return Status::Ok();
+    const std::string mnt = Readlink("/proc/self/ns/mnt");
+    f.shares_pid1_mount_namespace = !mnt.empty() && mnt == Readlink("/proc/1/ns/mnt");
+    return DiagnoseHostSystemd(f, pod_);
   }
 
   Status Run(const std::vector<std::string>& args) override {
@@ -832,6 +886,12 @@ class HostSystemctl final : public Systemctl {
     std::vector<char*> cargv;
     for (auto& a : argv) cargv.push_back(a.data());
     cargv.push_back(nullptr);
+    // The child writes to the same stdout and stderr, unbuffered: what we wrote before it must
+    // be out first (a pipe makes our stdout fully buffered).
+    std::cout.flush();
+    std::cerr.flush();
+    std::fflush(nullptr);
+    if (auto logger = spdlog::default_logger()) logger->flush();
     pid_t pid;
     if (int e = posix_spawnp(&pid, cargv[0], nullptr, nullptr, cargv.data(), environ); e != 0) {
       return Status::Error("cannot run " + text + ": " + Errno(e));
@@ -849,6 +909,7 @@ class HostSystemctl final : public Systemctl {
 
  private:
   std::string root_;
+  std::string pod_;
 };
 
 class CriVersionProbe final : public DaemonProbe {
@@ -873,8 +934,43 @@ class CriVersionProbe final : public DaemonProbe {
 
 }  // namespace
 
-std::unique_ptr<Systemctl> MakeHostSystemctl(std::string host_root) {
-  return std::make_unique<HostSystemctl>(std::move(host_root));
+std::unique_ptr<Systemctl> MakeHostSystemctl(std::string host_root, std::string pod) {
+  return std::make_unique<HostSystemctl>(std::move(host_root), std::move(pod));
+}
+
+Status DiagnoseHostSystemd(const HostSystemdFacts& f, std::string_view pod) {
+  const std::string& root = f.host_root;
+  // systemd started as /sbin/init may be named "init"; so are other inits, which never create
+  // /run/systemd/system.
+  const bool pid1_systemd =
+      f.pid1_comm == "systemd" || (f.pid1_comm == "init" && f.host_runs_systemd);
+  const std::string needs_host_pid = "the " + std::string(pod) + " pod needs hostPID: true";
+  if (pid1_systemd && f.in_host_pid_namespace != std::optional<bool>(false)) {
+    if (f.shares_pid1_mount_namespace) {
+      return Status::Error("--host-root " + root +
+                           " is not /, but this process already runs in the host's mount "
+                           "namespace: use --host-root /");
+    }
+    return Status::Ok();
+  }
+  if (!f.host_runs_systemd) {
+    // sd_booted() on the host: whatever PID 1 is here, there is no systemd to talk to.
+    return Status::Error("the host does not run systemd (" + root +
+                         "/run/systemd/system does not exist): registry-proxy runs as a systemd "
+                         "service and cannot be managed on this node");
+  }
+  if (f.in_host_pid_namespace == std::optional<bool>(true)) {
+    return Status::Error("cannot reach the host's systemd: the host's PID 1 is '" + f.pid1_comm +
+                         "', not systemd, although " + root + "/run/systemd/system exists");
+  }
+  if (f.in_host_pid_namespace == std::optional<bool>(false)) {
+    return Status::Error(
+        "cannot reach the host's systemd: this process is not in the host's PID namespace (PID 1 "
+        "here is '" +
+        f.pid1_comm + "'): " + needs_host_pid);
+  }
+  return Status::Error("cannot reach the host's systemd: PID 1 here is '" + f.pid1_comm +
+                       "', not systemd: " + needs_host_pid);
 }
 
 std::unique_ptr<DaemonProbe> MakeCriVersionProbe() { return std::make_unique<CriVersionProbe>(); }
@@ -889,6 +985,7 @@ constexpr char kNodeHelp[] =
                               [--configure-kubelet] [--kubelet-config PATH]
                               [--configure-crictl] [--watch] [--wait SECONDS]
        registry-proxy node uninstall --host-root DIR [--kubelet-config PATH]
+       registry-proxy node sync-config --config-from FILE --host-config PATH
 
 install: puts this binary (and the libraries of its bundle) in DIR/opt/registry-proxy, the
 systemd unit in DIR/etc/systemd/system/registry-proxy.service and the config in
@@ -910,17 +1007,59 @@ runs in the host's namespaces through nsenter.
   --wait SECONDS        how long to wait for the daemon to answer (default 60)
 
 uninstall: reverts kubelet's config first (restarting kubelet), then crictl.yaml, stops and
-disables the unit and removes what install created, restoring any file it replaced.
+disables the unit and removes what install created, restoring any file it replaced. A host
+with nothing installed is success, without systemctl.
+
+sync-config: what --watch does, for a process that sees only the host's /etc/registry-proxy
+(no host root, no systemctl, no privileges): keeps PATH (the host's
+/etc/registry-proxy/config.yaml, as mounted here) equal to FILE, copying only versions that
+validate, atomically, until SIGTERM. The daemon follows that file live. SIGHUP copies again.
 )";
+
+// Copies until SIGTERM/SIGINT; SIGHUP syncs again.
+int WatchUntilSignal(NodeConfigSync& sync, SignalWaiter& signals, const std::string& what,
+                     std::ostream& out, std::ostream& err) {
+  if (Status s = sync.Start(); !s.ok()) return err << what << ": " << s.message() << "\n", 1;
+  int sig;
+  while ((sig = signals.Wait()) == SIGHUP) sync.TriggerSync();
+  sync.Stop();
+  out << "stopped (" << (sig == SIGTERM ? "SIGTERM" : "SIGINT") << ")" << std::endl;
+  return 0;
+}
+
+int SyncConfigMain(const std::vector<std::string>& argv, std::ostream& out, std::ostream& err) {
+  auto args =
+      ParseArgs(argv, {{"--config-from", ""}, {"--host-config", ""}, {"--help", "-h", false}}, err);
+  if (!args) return err << kNodeHelp, 2;
+  if (args->Has("--help")) return out << kNodeHelp, 0;
+  if (!args->positional.empty()) return err << kNodeHelp, 2;
+  auto from = args->Get("--config-from");
+  auto to = args->Get("--host-config");
+  if (!from || from->empty() || !to || to->empty()) {
+    return err << "node sync-config: --config-from and --host-config are required\n", 2;
+  }
+  if (!fs::is_directory(fs::path(*to).parent_path())) {
+    return err << "node sync-config: " << fs::path(*to).parent_path().string()
+               << " is not a directory (mount the host's /etc/registry-proxy there, after "
+                  "`node install`)\n",
+           1;
+  }
+  // Signals are blocked before any thread starts (the watcher's).
+  SignalWaiter signals({SIGTERM, SIGINT, SIGHUP});
+  NodeConfigSync sync(*from, *to, &out);
+  out << "keeping " << *to << " equal to " << *from << std::endl;
+  return WatchUntilSignal(sync, signals, "node sync-config", out, err);
+}
 
 int NodeMain(const std::vector<std::string>& argv, std::ostream& out, std::ostream& err) {
   if (argv.empty()) return err << kNodeHelp, 2;
   const std::string sub = argv[0];
   if (sub == "--help" || sub == "-h" || sub == "help") return out << kNodeHelp, 0;
   const std::vector<std::string> rest(argv.begin() + 1, argv.end());
-  if (sub != "install" && sub != "uninstall") {
+  if (sub != "install" && sub != "uninstall" && sub != "sync-config") {
     return err << "node: unknown command '" << sub << "'\n\n" << kNodeHelp, 2;
   }
+  if (sub == "sync-config") return SyncConfigMain(rest, out, err);
   const bool install = sub == "install";
   std::vector<FlagSpec> specs = {
       {"--host-root", ""}, {"--kubelet-config", ""}, {"--help", "-h", false}};
@@ -942,7 +1081,7 @@ int NodeMain(const std::vector<std::string>& argv, std::ostream& out, std::ostre
     NodeUninstallOptions o;
     o.host_root = *root;
     if (auto k = args->Get("--kubelet-config")) o.kubelet_config = *k;
-    auto systemctl = MakeHostSystemctl(*root);
+    auto systemctl = MakeHostSystemctl(*root, "uninstaller");
     if (Status s = NodeUninstall(o, systemctl.get(), out); !s.ok()) {
       return err << "node uninstall: " << s.message() << "\n", 1;
     }
@@ -982,15 +1121,8 @@ int NodeMain(const std::vector<std::string>& argv, std::ostream& out, std::ostre
   if (!watch) return 0;
 
   NodeConfigSync sync(o, &out);
-  if (Status s = sync.Start(); !s.ok()) {
-    return err << "node install --watch: " << s.message() << "\n", 1;
-  }
   out << "watching " << *o.config_from << " for " << Host(*root).Path(kConfigPath) << std::endl;
-  int sig;
-  while ((sig = signals->Wait()) == SIGHUP) sync.TriggerSync();
-  sync.Stop();
-  out << "stopped (" << (sig == SIGTERM ? "SIGTERM" : "SIGINT") << ")" << std::endl;
-  return 0;
+  return WatchUntilSignal(sync, *signals, "node install --watch", out, err);
 }
 
 }  // namespace

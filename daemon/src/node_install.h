@@ -55,8 +55,22 @@ class Systemctl {
 // The real one: execs systemctl (argv vector, no shell). With host_root "/" it runs the
 // local systemctl; otherwise the process must be in a pod with hostPID (PID 1 is the host's
 // systemd, in another mount namespace) and it runs `nsenter -t 1 -m -u -i -n -p -- systemctl`.
-// Reachable() checks that (install and uninstall call it after validating their input).
-std::unique_ptr<Systemctl> MakeHostSystemctl(std::string host_root);
+// Reachable() checks that (install and uninstall call it after validating their input); its
+// errors name `pod` ("installer", "uninstaller"). Our stdout, stderr and spdlog are flushed
+// before systemctl runs, so a pod's log keeps the order in which things happened.
+std::unique_ptr<Systemctl> MakeHostSystemctl(std::string host_root, std::string pod = "installer");
+
+// What Reachable() looks at from inside a pod, and what it concludes (pure, for tests).
+struct HostSystemdFacts {
+  std::string host_root;   // not "/"
+  std::string pid1_comm;   // /proc/1/comm as this process sees it
+  bool host_runs_systemd;  // HOST_ROOT/run/systemd/system is a directory (sd_booted)
+  // This process is in the host's PID namespace (/proc/self/ns/pid is HOST_ROOT/proc/1's);
+  // nullopt when that cannot be told (HOST_ROOT/proc not readable).
+  std::optional<bool> in_host_pid_namespace;
+  bool shares_pid1_mount_namespace;  // /proc/self/ns/mnt is /proc/1/ns/mnt
+};
+Status DiagnoseHostSystemd(const HostSystemdFacts& facts, std::string_view pod);
 
 // Waits until the daemon answers on a socket. Replaced in tests.
 class DaemonProbe {
@@ -96,12 +110,14 @@ struct NodeUninstallOptions {
 
 // Reverts kubelet's config (and restarts kubelet if it changed), crictl.yaml, stops and
 // disables the unit, removes every file and directory the installs created and restores the
-// files they replaced.
+// files they replaced. A host where nothing of ours is left (no manifest, unit, binary or
+// backup) is success at once, without systemctl: a node that never had it, or a rerun.
 Status NodeUninstall(const NodeUninstallOptions& options, Systemctl* systemctl, std::ostream& log);
 
 // Keeps the host's config equal to `--config-from` (a ConfigMap volume) after an install:
 // watches its directory, copies every version that validates (atomically, as install does)
-// and never one that does not.
+// and never one that does not. The daemon follows its config file itself (inotify on its
+// directory), so nothing else is needed: no systemctl, no signal.
 class NodeConfigSync {
  public:
   struct Stats {
@@ -109,7 +125,13 @@ class NodeConfigSync {
     uint64_t rejected = 0;  // a bad version was seen and not copied
     std::string last_error;
   };
+  // `node install --watch`: writes HOST_ROOT/etc/registry-proxy/config.yaml and records it in
+  // the install manifest.
   explicit NodeConfigSync(const NodeInstallOptions& options, std::ostream* log);
+  // `node sync-config`: writes `host_config` only (0644; a temp file in its directory, then a
+  // rename), the host's /etc/registry-proxy being all this process can see. An install wrote
+  // that file first and recorded it, so uninstall removes it either way.
+  NodeConfigSync(std::string config_from, std::string host_config, std::ostream* log);
   ~NodeConfigSync();
   NodeConfigSync(const NodeConfigSync&) = delete;
   NodeConfigSync& operator=(const NodeConfigSync&) = delete;

@@ -3,15 +3,19 @@
 // order of what happens on the host is visible.
 #include "node_install.h"
 
+#include <fcntl.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iostream>
 #include <map>
 #include <sstream>
 #include <string>
@@ -123,8 +127,15 @@ class Recorder final : public Systemctl, public DaemonProbe {
  public:
   std::vector<std::string> calls;
   Status probe_result = Status::Ok();
+  Status reachable = Status::Ok();
   std::function<void()> on_probe;  // runs when the installer waits for the daemon
 
+  int reachable_calls = 0;
+
+  Status Reachable() override {
+    ++reachable_calls;
+    return reachable;
+  }
   Status Run(const std::vector<std::string>& args) override {
     std::string c = "systemctl";
     for (const auto& a : args) c += " " + a;
@@ -477,6 +488,277 @@ TEST_F(NodeInstallTest, ConfigSyncCopiesGoodVersionsOnly) {
   // Still uninstallable to the original state after syncs.
   ASSERT_TRUE(Uninstall(&r).ok()) << log_;
   EXPECT_FALSE(fs::exists(host_config));
+}
+
+// --- uninstall where nothing is installed (defect 5d) ---------------------------------------
+
+TEST_F(NodeInstallTest, UninstallWithNothingInstalledSucceedsWithoutSystemd) {
+  const auto before = Snapshot(host_);
+  Recorder r;
+  // As on a node without systemd: asking would fail.
+  r.reachable = Status::Error("the host does not run systemd");
+  ASSERT_TRUE(Uninstall(&r).ok()) << log_;
+  EXPECT_EQ(r.reachable_calls, 0);
+  EXPECT_TRUE(r.calls.empty());
+  EXPECT_THAT(log_, HasSubstr("nothing to uninstall"));
+  EXPECT_EQ(Snapshot(host_), before) << Diff(before, Snapshot(host_));
+}
+
+TEST_F(NodeInstallTest, UninstallTwiceSecondIsNothingToDo) {
+  const auto before = Snapshot(host_);
+  Recorder r;
+  ASSERT_TRUE(Install(&r).ok()) << log_;
+  ASSERT_TRUE(Uninstall(&r).ok()) << log_;
+  Recorder again;
+  again.reachable = Status::Error("unreachable");
+  ASSERT_TRUE(Uninstall(&again).ok()) << log_;
+  EXPECT_TRUE(again.calls.empty());
+  EXPECT_EQ(Snapshot(host_), before) << Diff(before, Snapshot(host_));
+}
+
+TEST_F(NodeInstallTest, UninstallWithSomethingInstalledStillAsksSystemd) {
+  Recorder r;
+  ASSERT_TRUE(Install(&r).ok()) << log_;
+  Recorder u;
+  u.reachable = Status::Error("the host does not run systemd");
+  Status s = Uninstall(&u);
+  EXPECT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("does not run systemd"));
+  EXPECT_TRUE(u.calls.empty());
+  // Nothing was reverted: kubelet still points at the daemon, which still runs.
+  EXPECT_THAT(ReadFile(host_ / "var/lib/kubelet/config.yaml"), HasSubstr(kKubeletLine));
+}
+
+TEST_F(NodeInstallTest, UninstallCommandOnAnEmptyHostExitsZero) {
+  std::vector<std::string> args = {"registry-proxy", "node", "uninstall", "--host-root",
+                                   host_.string()};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  std::ostringstream out, err;
+  EXPECT_EQ(RunCli(static_cast<int>(argv.size()), argv.data(), out, err), 0) << err.str();
+  EXPECT_THAT(out.str(), HasSubstr("nothing to uninstall"));
+}
+
+// --- what "cannot reach the host's systemd" says (defect 5d) --------------------------------
+
+HostSystemdFacts PodFacts() {
+  HostSystemdFacts f;
+  f.host_root = "/host";
+  f.pid1_comm = "systemd";
+  f.host_runs_systemd = true;
+  f.in_host_pid_namespace = true;
+  f.shares_pid1_mount_namespace = false;
+  return f;
+}
+
+TEST(DiagnoseHostSystemdTest, HostPidOnASystemdHostIsReachable) {
+  EXPECT_TRUE(DiagnoseHostSystemd(PodFacts(), "installer").ok());
+  HostSystemdFacts f = PodFacts();
+  f.in_host_pid_namespace = std::nullopt;  // HOST_ROOT/proc not visible: trust PID 1's name
+  EXPECT_TRUE(DiagnoseHostSystemd(f, "installer").ok());
+}
+
+TEST(DiagnoseHostSystemdTest, AHostWithoutSystemdIsNotBlamedOnHostPid) {
+  HostSystemdFacts f = PodFacts();
+  f.pid1_comm = "init";  // e.g. OpenRC, or a container's init
+  f.host_runs_systemd = false;
+  Status s = DiagnoseHostSystemd(f, "uninstaller");
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("the host does not run systemd"));
+  EXPECT_THAT(s.message(), HasSubstr("/host/run/systemd/system"));
+  EXPECT_THAT(s.message(), Not(HasSubstr("hostPID")));
+
+  f.pid1_comm = "tini";
+  EXPECT_THAT(DiagnoseHostSystemd(f, "uninstaller").message(), Not(HasSubstr("hostPID")));
+}
+
+TEST(DiagnoseHostSystemdTest, InTheHostPidNamespaceButPid1IsNotSystemd) {
+  HostSystemdFacts f = PodFacts();
+  f.pid1_comm = "bash";
+  Status s = DiagnoseHostSystemd(f, "uninstaller");
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("the host's PID 1 is 'bash', not systemd"));
+  EXPECT_THAT(s.message(), Not(HasSubstr("hostPID")));
+}
+
+TEST(DiagnoseHostSystemdTest, WithoutHostPidTheMessageSaysSoAndNamesThePod) {
+  HostSystemdFacts f = PodFacts();
+  f.pid1_comm = "pause";
+  f.in_host_pid_namespace = false;
+  Status s = DiagnoseHostSystemd(f, "uninstaller");
+  ASSERT_FALSE(s.ok());
+  EXPECT_THAT(s.message(), HasSubstr("not in the host's PID namespace"));
+  EXPECT_THAT(s.message(), HasSubstr("the uninstaller pod needs hostPID: true"));
+  EXPECT_THAT(s.message(), Not(HasSubstr(" installer pod")));  // "uninstaller pod" only
+  // A pod that runs systemd itself is not the host's either.
+  f.pid1_comm = "systemd";
+  EXPECT_THAT(DiagnoseHostSystemd(f, "installer").message(),
+              HasSubstr("the installer pod needs hostPID: true"));
+  // Unknown namespace: still the likely cause, said as such.
+  f.pid1_comm = "pause";
+  f.in_host_pid_namespace = std::nullopt;
+  EXPECT_THAT(DiagnoseHostSystemd(f, "installer").message(),
+              HasSubstr("PID 1 here is 'pause', not systemd: the installer pod needs hostPID"));
+}
+
+TEST(DiagnoseHostSystemdTest, HostRootNotSlashInTheHostMountNamespace) {
+  HostSystemdFacts f = PodFacts();
+  f.shares_pid1_mount_namespace = true;
+  EXPECT_THAT(DiagnoseHostSystemd(f, "installer").message(), HasSubstr("use --host-root /"));
+}
+
+// --- log order: ours before the child's (defect 5g) -----------------------------------------
+
+// Writes "systemctl ARGS" straight to a file descriptor, as systemctl (a child sharing our
+// stdout, unbuffered) does.
+class ChildLikeSystemctl final : public Systemctl, public DaemonProbe {
+ public:
+  explicit ChildLikeSystemctl(int fd) : fd_(fd) {}
+  Status Run(const std::vector<std::string>& args) override {
+    std::string line = "systemctl";
+    for (const auto& a : args) line += " " + a;
+    line += "\n";
+    EXPECT_EQ(::write(fd_, line.data(), line.size()), static_cast<ssize_t>(line.size()));
+    return Status::Ok();
+  }
+  Status WaitServing(const std::string&, std::chrono::seconds) override { return Status::Ok(); }
+
+ private:
+  int fd_;
+};
+
+// The lines of `text` that match one of `wanted`, in order.
+std::vector<std::string> LinesWith(const std::string& text, std::vector<std::string> wanted) {
+  std::vector<std::string> out;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) {
+    for (const auto& w : wanted) {
+      if (line.find(w) != std::string::npos) {
+        out.push_back(w);
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+TEST_F(NodeInstallTest, LogLinesComeOutBeforeWhatSystemctlPrints) {
+  const fs::path out_file = base_ / "pod.log";
+  std::ofstream log(out_file, std::ios::app);  // buffered, as stdout to a pipe
+  const int fd = ::open(out_file.c_str(), O_WRONLY | O_APPEND);
+  ASSERT_GE(fd, 0);
+  ChildLikeSystemctl child(fd);
+  ASSERT_TRUE(NodeInstall(opts_, &child, &child, log).ok());
+  ASSERT_TRUE(NodeUninstall(uopts_, &child, log).ok());
+  log.close();
+  ::close(fd);
+  const std::vector<std::string> order =
+      LinesWith(ReadFile(out_file),
+                {"systemctl daemon-reload", "systemctl enable", "daemon serving",
+                 "set imageServiceEndpoint", "systemctl restart kubelet", "restarted kubelet",
+                 "restored " + (host_ / "var/lib/kubelet").string(), "systemctl disable"});
+  EXPECT_THAT(
+      order,
+      ElementsAre("systemctl daemon-reload", "systemctl enable", "daemon serving",
+                  "set imageServiceEndpoint", "systemctl restart kubelet", "restarted kubelet",
+                  "restored " + (host_ / "var/lib/kubelet").string(), "systemctl restart kubelet",
+                  "restarted kubelet", "systemctl disable", "systemctl daemon-reload"))
+      << ReadFile(out_file);
+}
+
+// The real systemctl seam flushes stdout (a pipe: fully buffered) before the child writes to it.
+TEST_F(NodeInstallTest, HostSystemctlFlushesStdoutBeforeTheChildRuns) {
+  const fs::path bin = base_ / "bin";
+  WriteFile(bin / "systemctl", "#!/bin/sh\necho \"child $*\"\n", fs::perms(0755));
+  const std::string old_path = ::getenv("PATH") ? ::getenv("PATH") : "";
+  ::setenv("PATH", (bin.string() + ":" + old_path).c_str(), 1);
+  const fs::path out_file = base_ / "stdout";
+  std::fflush(stdout);
+  std::cout.flush();
+  const int saved = ::dup(1);
+  const int fd = ::open(out_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  ASSERT_GE(fd, 0);
+  ::dup2(fd, 1);
+  ::close(fd);
+  // No newline: not even a line-buffered stdout would write it out yet.
+  std::cout << "ours first;";
+  std::printf("stdio too;");
+  Status s = MakeHostSystemctl("/")->Run({"daemon-reload"});
+  std::cout.flush();
+  std::fflush(stdout);
+  ::dup2(saved, 1);
+  ::close(saved);
+  ::setenv("PATH", old_path.c_str(), 1);
+  ASSERT_TRUE(s.ok()) << s.message();
+  EXPECT_EQ(ReadFile(out_file), "ours first;stdio too;child daemon-reload\n");
+}
+
+// --- node sync-config: the unprivileged watcher (defect 5e) ---------------------------------
+
+TEST_F(NodeInstallTest, SyncConfigWritesOnlyTheHostConfigAndOnlyGoodVersions) {
+  Recorder r;
+  ASSERT_TRUE(Install(&r).ok()) << log_;
+  // All the watcher container sees of the host: its /etc/registry-proxy.
+  const fs::path host_config = host_ / "etc/registry-proxy/config.yaml";
+  const auto installed = Snapshot(host_);
+  std::ostringstream log;
+  NodeConfigSync sync((base_ / "cm/config.yaml").string(), host_config.string(), &log);
+  ASSERT_TRUE(sync.Start().ok());
+  auto wait_for = [](auto pred) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (!pred() && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return pred();
+  };
+  // Unchanged at start: nothing written.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(sync.stats().copied, 0u);
+  EXPECT_EQ(Snapshot(host_), installed) << Diff(installed, Snapshot(host_));
+
+  WriteFile(base_ / "cm/.tmp", kOtherGoodConfig);
+  fs::rename(base_ / "cm/.tmp", base_ / "cm/config.yaml");
+  ASSERT_TRUE(wait_for([&] { return ReadFile(host_config) == kOtherGoodConfig; })) << log.str();
+  EXPECT_EQ(Mode(host_config), 0644u);
+  EXPECT_EQ(sync.stats().copied, 1u);
+
+  WriteFile(base_ / "cm/.tmp", kBadConfig);
+  fs::rename(base_ / "cm/.tmp", base_ / "cm/config.yaml");
+  ASSERT_TRUE(wait_for([&] { return sync.stats().rejected == 1; })) << log.str();
+  EXPECT_EQ(ReadFile(host_config), kOtherGoodConfig);
+  EXPECT_THAT(sync.stats().last_error, HasSubstr(":3:14:"));
+  sync.Stop();
+
+  // Only the config changed on the host (no manifest, no temp file left).
+  auto after = Snapshot(host_);
+  auto expected = installed;
+  expected["etc/registry-proxy/config.yaml"] = after["etc/registry-proxy/config.yaml"];
+  EXPECT_EQ(after, expected) << Diff(expected, after);
+  // And uninstall still leaves the host as it was.
+  ASSERT_TRUE(Uninstall(&r).ok()) << log_;
+  EXPECT_FALSE(fs::exists(host_config));
+  EXPECT_FALSE(fs::exists(host_ / "etc/registry-proxy"));
+}
+
+TEST_F(NodeInstallTest, SyncConfigCommandLine) {
+  auto run = [](std::vector<std::string> args, std::string* err_text) {
+    args.insert(args.begin(), {"registry-proxy", "node", "sync-config"});
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    std::ostringstream out, err;
+    int rc = RunCli(static_cast<int>(argv.size()), argv.data(), out, err);
+    *err_text = err.str();
+    return rc;
+  };
+  std::string err;
+  EXPECT_EQ(run({"--config-from", *opts_.config_from}, &err), 2);
+  EXPECT_THAT(err, HasSubstr("--config-from and --host-config are required"));
+  // The host's /etc/registry-proxy is not there (not installed yet, or not mounted).
+  EXPECT_EQ(run({"--config-from", *opts_.config_from, "--host-config",
+                 (host_ / "etc/registry-proxy/config.yaml").string()},
+                &err),
+            1);
+  EXPECT_THAT(err, HasSubstr("is not a directory"));
 }
 
 // The text edit itself.
