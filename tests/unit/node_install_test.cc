@@ -7,15 +7,18 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <iterator>
 #include <map>
 #include <sstream>
 #include <string>
@@ -759,6 +762,54 @@ TEST_F(NodeInstallTest, SyncConfigCommandLine) {
                 &err),
             1);
   EXPECT_THAT(err, HasSubstr("is not a directory"));
+}
+
+// The real binary, as the sync-config container runs it: copies, then exits 0 on SIGTERM.
+TEST_F(NodeInstallTest, SyncConfigBinaryCopiesAndStopsOnSigterm) {
+  const fs::path etc = base_ / "host-etc/registry-proxy";
+  fs::create_directories(etc);
+  const fs::path out_file = base_ / "sync.log";
+  std::vector<std::string> args = {RP_BINARY,
+                                   "node",
+                                   "sync-config",
+                                   "--config-from",
+                                   *opts_.config_from,
+                                   "--host-config",
+                                   (etc / "config.yaml").string()};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    const int fd = ::open(out_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ::dup2(fd, 1);
+    ::dup2(fd, 2);
+    ::execv(argv[0], argv.data());
+    ::_exit(127);
+  }
+  auto wait_for = [](auto pred) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (!pred() && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return pred();
+  };
+  EXPECT_TRUE(wait_for([&] { return ReadFile(etc / "config.yaml") == kGoodConfig; }))
+      << ReadFile(out_file);
+  EXPECT_TRUE(wait_for([&] { return ReadFile(out_file).find("watching") != std::string::npos; }))
+      << ReadFile(out_file);
+  WriteFile(base_ / "cm/.tmp", kOtherGoodConfig);
+  fs::rename(base_ / "cm/.tmp", base_ / "cm/config.yaml");
+  EXPECT_TRUE(wait_for([&] { return ReadFile(etc / "config.yaml") == kOtherGoodConfig; }))
+      << ReadFile(out_file);
+  ::kill(pid, SIGTERM);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status << ReadFile(out_file);
+  EXPECT_THAT(ReadFile(out_file), HasSubstr("stopped (SIGTERM)"));
+  // Nothing but the config in that directory (no temp file left).
+  EXPECT_EQ(std::distance(fs::directory_iterator(etc), fs::directory_iterator()), 1);
 }
 
 // The text edit itself.
