@@ -2,6 +2,7 @@
 // blocked in every thread (construct this before starting any) and one thread waits for them.
 #pragma once
 
+#include <chrono>
 #include <csignal>
 #include <initializer_list>
 
@@ -17,6 +18,8 @@ class SignalWaiter {
 
   // Waits for one of the signals and returns its number.
   int Wait();
+  // Waits at most `timeout`; 0 when none of the signals came.
+  int WaitFor(std::chrono::milliseconds timeout);
 
  private:
   sigset_t set_;

@@ -62,6 +62,10 @@ GET /healthz and GET /readyz (ready once a good config is loaded) are for probes
                         service account)
       --tls-sync-interval SECONDS
                         how often the Secret and caBundle are checked again (default 600)
+      --service-account-dir DIR
+                        the pod's service account (token, ca.crt, namespace) for the API
+                        server at $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT (default
+                        /var/run/secrets/kubernetes.io/serviceaccount)
   -c, --config FILE     config file (default /etc/registry-proxy/config.yaml), reloaded when
                         it changes and on SIGHUP; the last good config stays in force
       --listen ADDR     [HOST]:PORT to serve (default :8443, every address); PORT 0 picks one
@@ -107,20 +111,21 @@ std::optional<std::string> ParseTlsFlags(const ParsedArgs& args, const WebhookSe
                                          std::chrono::seconds* interval) {
   const auto secret = args.Get("--tls-secret");
   if (!secret) {
-    for (const char* f :
-         {"--webhook-configuration", "--service", "--namespace", "--tls-sync-interval"}) {
+    for (const char* f : {"--webhook-configuration", "--service", "--namespace",
+                          "--tls-sync-interval", "--service-account-dir"}) {
       if (args.Has(f)) return std::string(f) + " needs --tls-secret";
     }
     return std::nullopt;
   }
   TlsProvisionerOptions o;
   o.secret = *secret;
+  o.service_account_dir = args.Get("--service-account-dir").value_or(kServiceAccountDir);
   o.webhook_config = args.Get("--webhook-configuration").value_or("");
   o.service = args.Get("--service").value_or("registry-proxy-webhook");
   if (auto ns = args.Get("--namespace")) {
     o.ns = *ns;
   } else {
-    auto pod_ns = InClusterNamespace(kServiceAccountDir);
+    auto pod_ns = InClusterNamespace(o.service_account_dir);
     if (!pod_ns.ok()) return "--tls-secret: no --namespace and " + pod_ns.error();
     o.ns = *pod_ns;
   }
@@ -146,9 +151,11 @@ std::optional<std::string> ParseTlsFlags(const ParsedArgs& args, const WebhookSe
 // the API server may be a moment away), then one every interval on a thread of its own.
 class TlsKeeper {
  public:
+  // Null (and no error) when one of `signals` came first: the caller stops.
   static Result<std::unique_ptr<TlsKeeper>> Start(const TlsProvisionerOptions& options,
-                                                  std::chrono::seconds interval) {
-    auto api = InClusterKubeApi(kServiceAccountDir);
+                                                  std::chrono::seconds interval,
+                                                  SignalWaiter* signals) {
+    auto api = InClusterKubeApi(options.service_account_dir);
     if (!api.ok()) return Status::Error("--tls-secret: " + api.error());
     auto keeper =
         std::unique_ptr<TlsKeeper>(new TlsKeeper(std::move(api).value(), options, interval));
@@ -160,7 +167,10 @@ class TlsKeeper {
       last = r.status();
       if (std::chrono::steady_clock::now() + delay > deadline) return last;
       spdlog::warn("certificate: {}; trying again in {} s", last.message(), delay.count());
-      std::this_thread::sleep_for(delay);
+      if (int sig = signals->WaitFor(delay)) {
+        spdlog::info("signal {} while getting a certificate: stopping", sig);
+        return std::unique_ptr<TlsKeeper>();
+      }
       delay = std::min(delay * 2, std::chrono::seconds(15));
     }
     keeper->thread_ = std::thread([k = keeper.get()] { k->Run(); });
@@ -214,6 +224,7 @@ int CmdWebhook(const std::vector<std::string>& argv, std::ostream& out, std::ost
                          {"--service", ""},
                          {"--namespace", ""},
                          {"--tls-sync-interval", ""},
+                         {"--service-account-dir", ""},
                          {"--listen", ""},
                          {"--threads", ""},
                          {"--shutdown-delay", ""},
@@ -280,11 +291,12 @@ int CmdWebhook(const std::vector<std::string>& argv, std::ostream& out, std::ost
   // 3. The certificate, when we keep it ourselves: a usable pair on disk before serving.
   std::unique_ptr<TlsKeeper> tls_keeper;
   if (tls_options) {
-    auto keeper = TlsKeeper::Start(*tls_options, tls_sync_interval);
+    auto keeper = TlsKeeper::Start(*tls_options, tls_sync_interval, &signals);
     if (!keeper.ok()) {
       spdlog::critical("webhook has no certificate to serve: {}", keeper.error());
       return 1;
     }
+    if (!*keeper) return 0;  // told to stop before it could serve
     tls_keeper = std::move(keeper).value();
   }
 

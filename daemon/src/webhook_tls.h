@@ -64,6 +64,7 @@ struct TlsProvisionerOptions {
   std::string service;         // the Service the webhook entries name (caBundle is set there)
   std::string cert_file;       // where this replica's serving pair is written
   std::string key_file;
+  std::string service_account_dir;  // the API client's token, ca.crt (webhook_cmd.cc)
   TlsPolicy policy;
 };
 

@@ -7,6 +7,7 @@
 #include <arpa/inet.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <httplib.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -16,10 +17,12 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "testbed.h"
@@ -459,8 +462,8 @@ TEST_F(WebhookTest, ItsOwnCertificateVerifiesForTheServiceAndARenewalIsServed) {
   EXPECT_EQ(get("registry-proxy-webhook.registry-proxy.svc.cluster.local").status, 200);
   EXPECT_NE(get("elsewhere.registry-proxy.svc").status, 200) << "a name it was not made for";
 
-  // Renewed 90 days before it expires: same CA, new pair.
-  auto renewed = RenewTls(*first, policy, now + std::chrono::hours(24 * 300));
+  // A renewal (as 90 days before expiry, made now so that it is valid now): same CA, new pair.
+  auto renewed = RenewTls(*first, policy, now);
   ASSERT_TRUE(renewed.ok()) << renewed.error();
   ASSERT_EQ(renewed->ca_bundle, first->ca_bundle);
   WriteFile(out / "tls.key", renewed->key);
@@ -478,6 +481,223 @@ TEST_F(WebhookTest, ItsOwnCertificateVerifiesForTheServiceAndARenewalIsServed) {
       10s, 300ms))
       << Log();
   EXPECT_EQ(get(host).status, 200) << "the renewed certificate verifies against the same CA";
+}
+
+// A stand-in for the two API objects `webhook --tls-secret` uses, over TLS with a bearer token,
+// keeping the API server's rules for them: a PUT must carry the current resourceVersion (409
+// otherwise), a JSON patch applies whole or not at all (422), a wrong token gets 401. (No
+// kube-apiserver is packaged for these machines; this checks our side of the wire: TLS
+// verification against ca.crt, the token, the paths, the calls and their order.)
+class FakeApiServer {
+ public:
+  FakeApiServer(const fs::path& cert, const fs::path& key, std::string token)
+      : server_(cert.c_str(), key.c_str()), token_(std::move(token)) {
+    secret_ = {{"apiVersion", "v1"},
+               {"kind", "Secret"},
+               {"metadata",
+                {{"name", "registry-proxy-webhook-tls"},
+                 {"namespace", "registry-proxy"},
+                 {"resourceVersion", "1"}}},
+               {"type", "Opaque"}};
+    mwc_ = {{"metadata", {{"name", "registry-proxy"}, {"resourceVersion", "1"}}},
+            {"webhooks",
+             {{{"name", "images.registry-proxy.io"},
+               {"clientConfig",
+                {{"service",
+                  {{"name", "registry-proxy-webhook"}, {"namespace", "registry-proxy"}}}}}}}}};
+    const std::string secret_path =
+        "/api/v1/namespaces/registry-proxy/secrets/registry-proxy-webhook-tls";
+    const std::string mwc_path =
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/registry-proxy";
+    server_.Get(secret_path, [this](const auto& req, auto& res) { Serve(req, res, secret_); });
+    server_.Get(mwc_path, [this](const auto& req, auto& res) { Serve(req, res, mwc_); });
+    server_.Put(secret_path, [this](const httplib::Request& req, httplib::Response& res) {
+      if (!Authorized(req, res)) return;
+      std::lock_guard<std::mutex> lock(mu_);
+      json in = json::parse(req.body);
+      if (in["metadata"]["resourceVersion"] != secret_["metadata"]["resourceVersion"]) {
+        return Answer(res, 409, {{"message", "the object has been modified"}});
+      }
+      in["metadata"]["resourceVersion"] = std::to_string(++version_);
+      secret_ = in;
+      ++secret_writes_;
+      Answer(res, 200, secret_);
+    });
+    server_.Patch(mwc_path, [this](const httplib::Request& req, httplib::Response& res) {
+      if (!Authorized(req, res)) return;
+      std::lock_guard<std::mutex> lock(mu_);
+      if (req.get_header_value("Content-Type") != "application/json-patch+json") {
+        return Answer(res, 415, {{"message", "unsupported patch type"}});
+      }
+      try {
+        mwc_ = mwc_.patch(json::parse(req.body));
+      } catch (const std::exception& e) {
+        return Answer(res, 422, {{"message", e.what()}});
+      }
+      mwc_["metadata"]["resourceVersion"] = std::to_string(++version_);
+      Answer(res, 200, mwc_);
+    });
+    port_ = server_.bind_to_any_port("127.0.0.1");
+    thread_ = std::thread([this] { server_.listen_after_bind(); });
+    while (!server_.is_running()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ~FakeApiServer() {
+    server_.stop();
+    thread_.join();
+  }
+  int port() const { return port_; }
+  json Secret() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return secret_;
+  }
+  json Mwc() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return mwc_;
+  }
+  int secret_writes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return secret_writes_;
+  }
+  int unauthorized() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return unauthorized_;
+  }
+
+ private:
+  bool Authorized(const httplib::Request& req, httplib::Response& res) {
+    if (req.get_header_value("Authorization") == "Bearer " + token_) return true;
+    std::lock_guard<std::mutex> lock(mu_);
+    ++unauthorized_;
+    Answer(res, 401, {{"message", "Unauthorized"}});
+    return false;
+  }
+  void Serve(const httplib::Request& req, httplib::Response& res, const json& obj) {
+    if (!Authorized(req, res)) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    Answer(res, 200, obj);
+  }
+  static void Answer(httplib::Response& res, int status, const json& body) {
+    res.status = status;
+    res.set_content(body.dump(), "application/json");
+  }
+
+  httplib::SSLServer server_;
+  const std::string token_;
+  std::thread thread_;
+  int port_ = 0;
+  std::mutex mu_;
+  json secret_, mwc_;
+  int version_ = 1;
+  int secret_writes_ = 0;
+  int unauthorized_ = 0;
+};
+
+// `webhook --tls-secret` as a pod runs it: two replicas against one API server. The first fills
+// the empty Secret and sets the caBundle; the second takes the same certificate; both serve
+// it for the Service's name, verified against the CA that went into the caBundle.
+TEST_F(WebhookTest, TwoReplicasKeepingTheirOwnCertificateServeOneCaForTheService) {
+  const fs::path sa = work_ / "serviceaccount";
+  fs::create_directories(sa);
+  fs::create_directories(work_ / "api");
+  ASSERT_TRUE(MakeServingCert("apiserver", work_ / "api"));
+  WriteFile(sa / "ca.crt", ReadFile(Ca()));
+  WriteFile(sa / "token", "t0k3n\n");
+  WriteFile(sa / "namespace", "registry-proxy");
+  FakeApiServer api(work_ / "api" / "tls.crt", work_ / "api" / "tls.key", "t0k3n");
+  setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1", 1);
+  setenv("KUBERNETES_SERVICE_PORT", std::to_string(api.port()).c_str(), 1);
+  auto own_flags = [&](const std::string& dir) {
+    fs::create_directories(work_ / dir);
+    return std::vector<std::string>{"--tls-cert",
+                                    (work_ / dir / "tls.crt").string(),
+                                    "--tls-key",
+                                    (work_ / dir / "tls.key").string(),
+                                    "--tls-secret",
+                                    "registry-proxy-webhook-tls",
+                                    "--webhook-configuration",
+                                    "registry-proxy",
+                                    "--service-account-dir",
+                                    sa.string()};
+  };
+  Start(own_flags("own1"));  // the later --tls-cert/--tls-key win over the fixture's
+  EXPECT_EQ(api.secret_writes(), 1);
+  EXPECT_EQ(api.unauthorized(), 0);
+  const json secret = api.Secret();
+  const std::string ca_bundle = Base64Decode(secret["data"]["ca.crt"].get<std::string>());
+  EXPECT_EQ(api.Mwc()["webhooks"][0]["clientConfig"]["caBundle"], secret["data"]["ca.crt"]);
+  EXPECT_EQ(ReadFile(work_ / "own1" / "tls.crt"),
+            Base64Decode(secret["data"]["tls.crt"].get<std::string>()));
+  WriteFile(work_ / "bundle.crt", ca_bundle);
+  const std::string host = "registry-proxy-webhook.registry-proxy.svc";
+  auto get = [&](int port) {
+    return Curl({"--cacert", (work_ / "bundle.crt").string(), "--resolve",
+                 host + ":" + std::to_string(port) + ":127.0.0.1",
+                 "https://" + host + ":" + std::to_string(port) + "/healthz"});
+  };
+  EXPECT_EQ(get(port_).status, 200) << Log();
+
+  // The second replica: no new certificate, the same pair, served the same way.
+  Process second;
+  std::vector<std::string> argv = {RP_BINARY,  "webhook",
+                                   "--listen", "127.0.0.1:0",
+                                   "--config", (work_ / "config" / "config.yaml").string()};
+  for (const auto& f : own_flags("own2")) argv.push_back(f);
+  const std::string log2 = (work_ / "webhook2.log").string();
+  ASSERT_TRUE(second.Spawn(argv, log2).ok());
+  std::smatch m;
+  static const std::regex kServing(R"(serving https://127\.0\.0\.1:(\d+))");
+  int port2 = 0;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        std::string log = ReadFile(log2);
+        if (!std::regex_search(log, m, kServing)) return false;
+        port2 = std::stoi(m[1]);
+        return true;
+      },
+      10s))
+      << ReadFile(log2);
+  EXPECT_EQ(get(port2).status, 200) << ReadFile(log2);
+  EXPECT_EQ(api.secret_writes(), 1) << "the second replica took the first one's certificate";
+  EXPECT_EQ(ReadFile(work_ / "own2" / "tls.crt"), ReadFile(work_ / "own1" / "tls.crt"));
+  EXPECT_TRUE(second.Stop(10s));
+  EXPECT_EQ(second.ExitDescription(), "exit 0") << ReadFile(log2);
+  unsetenv("KUBERNETES_SERVICE_HOST");
+  unsetenv("KUBERNETES_SERVICE_PORT");
+}
+
+// A token the API server refuses: the webhook says so and exits instead of serving nothing.
+TEST_F(WebhookTest, OwnCertificateWithARefusedTokenExitsWithTheApiServersAnswer) {
+  const fs::path sa = work_ / "serviceaccount";
+  fs::create_directories(sa);
+  fs::create_directories(work_ / "api");
+  ASSERT_TRUE(MakeServingCert("apiserver", work_ / "api"));
+  WriteFile(sa / "ca.crt", ReadFile(Ca()));
+  WriteFile(sa / "token", "wrong");
+  FakeApiServer api(work_ / "api" / "tls.crt", work_ / "api" / "tls.key", "t0k3n");
+  setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1", 1);
+  setenv("KUBERNETES_SERVICE_PORT", std::to_string(api.port()).c_str(), 1);
+  Process p;
+  const std::string log = (work_ / "refused.log").string();
+  ASSERT_TRUE(p.Spawn({RP_BINARY, "webhook", "--listen", "127.0.0.1:0", "--tls-cert",
+                       (work_ / "x.crt").string(), "--tls-key", (work_ / "x.key").string(),
+                       "--tls-secret", "registry-proxy-webhook-tls", "--namespace",
+                       "registry-proxy", "--service-account-dir", sa.string()},
+                      log)
+                  .ok());
+  // It retries for a minute (the API server may be a moment away): wait for the first refusal.
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        return ReadFile(log).find(
+                   "cannot read Secret registry-proxy/registry-proxy-webhook-tls: "
+                   "HTTP 401: Unauthorized") != std::string::npos;
+      },
+      10s))
+      << ReadFile(log);
+  EXPECT_GE(api.unauthorized(), 1);
+  EXPECT_FALSE(fs::exists(work_ / "x.crt"));
+  EXPECT_TRUE(p.Stop(10s));
+  unsetenv("KUBERNETES_SERVICE_HOST");
+  unsetenv("KUBERNETES_SERVICE_PORT");
 }
 
 TEST_F(WebhookTest, ConfigReloadsLiveAndABadOneIsNotTaken) {
