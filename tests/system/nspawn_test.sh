@@ -206,8 +206,12 @@ log "bundles v1, v2 and $(basename "$DEB") ready"
 # Inside the root, before the first boot: containerd never goes to the internet (every
 # registry it might resolve is pinned to 127.0.0.1:9), a stub kubelet with a config file.
 mkdir -p "$root/etc/containerd/certs.d/_default" "$root/var/lib/kubelet" "$root/x"
+# containerd's "opt" plugin would make /opt/containerd: /opt stays empty, as on a host where
+# the .deb must not remove it (issue 12, 5c).
 cat >"$root/etc/containerd/config.toml" <<'EOF'
 version = 2
+[plugins."io.containerd.internal.v1.opt"]
+  path = "/var/lib/containerd/opt"
 [plugins."io.containerd.grpc.v1.cri".registry]
   config_path = "/etc/containerd/certs.d"
 EOF
@@ -505,6 +509,8 @@ check "pod: the root is as before the install" same_as "$tmp/before.lst"
 
 # ---------------------------------------------------------------------------------------------
 log "the .deb: apt-get install, reinstall, remove, purge"
+check "deb: /opt is there and empty before the install" \
+  test "$(ct find /opt -mindepth 1 -maxdepth 1 | wc -l)" = 0 -a -d "$root/opt"
 apt_get() { ct env DEBIAN_FRONTEND=noninteractive apt-get -y -q -o Dpkg::Use-Pty=0 "$@"; }
 apt_get install "$DEB" >"$tmp/apt.log" 2>&1 || { cat "$tmp/apt.log" >&2; fail "apt-get install ./x.deb failed"; }
 ok "deb: apt-get install $DEB (offline: Depends libc6 only)"
