@@ -766,17 +766,26 @@ function checkSet(name, items, image, binary) {
     }
 
     // Role-specific requirements (README.md "Install on a cluster", DESIGN.md "Deployment").
-    for (const c of spec.containers || []) {
+    const inits = new Set((spec.initContainers || []).map((c) => c.name));
+    if (spec.hostPID) {
+      fail(w, 'hostPID: every container would share the host PID namespace (node install and ' +
+        "uninstall reach the host's systemd through the host's /proc)");
+    }
+    for (const c of containersOf(spec)) {
       const args = c.args || [];
       const script = c.command?.includes('-c') ? c.command[c.command.indexOf('-c') + 1] : '';
       const isInstall = !c.command && args[0] === 'node' && args[1] === 'install';
       const isUninstall = /registry-proxy\s+node\s+uninstall/.test(script);
+      const isSync = !c.command && args[0] === 'node' && args[1] === 'sync-config';
       const isWebhook = !c.command && args[0] === 'webhook';
       const cw = `${w} container ${c.name}`;
-      if (isInstall || isUninstall) {
+      const rootVol = (spec.volumes || []).find((v) => v.hostPath?.path === '/');
+      const rootMount = rootVol && (c.volumeMounts || []).find((m) => m.name === rootVol.name);
+      if (!isInstall && !isUninstall && (c.securityContext?.privileged || rootMount)) {
+        fail(cw, "only node install/uninstall may be privileged or mount the host's /");
+      }
+      if (isInstall || isUninstall || isSync) {
         if (o.kind !== 'DaemonSet') fail(cw, 'node install/uninstall must run in a DaemonSet');
-        if (!spec.hostPID) fail(cw, 'needs hostPID (nsenter -t 1 reaches the host systemd)');
-        if (!c.securityContext?.privileged) fail(cw, 'must be privileged');
         if (spec.priorityClassName !== 'system-node-critical')
           fail(cw, 'priorityClassName must be system-node-critical');
         if (!(spec.tolerations || []).some((t) => t.operator === 'Exists' && !t.key && !t.effect)) {
@@ -784,12 +793,13 @@ function checkSet(name, items, image, binary) {
         }
         if (spec.terminationGracePeriodSeconds === undefined)
           fail(cw, 'no terminationGracePeriodSeconds');
-        if (!c.readinessProbe) fail(cw, 'no readiness probe showing the node is done');
+        if (c.livenessProbe) fail(cw, 'a liveness probe would restart the pod, not help the daemon');
+      }
+      if (isInstall || isUninstall) {
+        if (!c.securityContext?.privileged) fail(cw, 'must be privileged');
         const hostRoot = isInstall
           ? flagValue(args, '--host-root')
           : (/--host-root[=\s]+(\S+)/.exec(script) || [])[1];
-        const rootVol = (spec.volumes || []).find((v) => v.hostPath?.path === '/');
-        const rootMount = rootVol && (c.volumeMounts || []).find((m) => m.name === rootVol.name);
         if (!hostRoot || !rootMount || rootMount.mountPath !== hostRoot) {
           fail(cw, `--host-root ${hostRoot} is not where the host's / (hostPath) is mounted`);
         }
@@ -801,23 +811,56 @@ function checkSet(name, items, image, binary) {
           }
         }
       }
-      if (isInstall) {
-        // The contract with `registry-proxy node install` (README.md).
-        for (const f of ['--config-from', '--configure-kubelet', '--configure-crictl', '--watch']) {
-          if (!args.some((a) => a === f || a.startsWith(`${f}=`)))
-            fail(cw, `node install without ${f}`);
-        }
+      if (isUninstall && !c.readinessProbe) fail(cw, 'no readiness probe showing the node is clean');
+      const configFrom = () => {
         const from = flagValue(args, '--config-from');
         const mount = (c.volumeMounts || []).find((m) => from?.startsWith(`${m.mountPath}/`));
         const v = mount && volumes.get(mount.name);
         if (!v?.configMap || v.configMap.name !== 'registry-proxy-config' || mount.subPath) {
-          fail(
-            cw,
-            `--config-from ${from} is not in a whole-directory mount of ConfigMap registry-proxy-config`,
-          );
+          fail(cw, `--config-from ${from} is not in a whole-directory mount of ConfigMap registry-proxy-config`);
         }
-        if (c.livenessProbe)
-          fail(cw, 'a liveness probe would restart the installer, not help the daemon');
+      };
+      if (isInstall) {
+        // The contract with `registry-proxy node install` (README.md): once, in an init container.
+        if (!inits.has(c.name)) fail(cw, 'node install belongs in an init container (it runs once)');
+        for (const f of ['--config-from', '--configure-kubelet', '--configure-crictl']) {
+          if (!args.some((a) => a === f || a.startsWith(`${f}=`))) fail(cw, `node install without ${f}`);
+        }
+        if (args.includes('--watch')) fail(cw, 'node install --watch keeps a privileged container running');
+        configFrom();
+      }
+      if (isSync) {
+        // The long-running part: unprivileged, and only the two host directories it needs.
+        if (inits.has(c.name)) fail(cw, 'node sync-config runs for the pod\'s life, not as an init container');
+        if (!inits.size || ![...(spec.initContainers || [])].some((i) => (i.args || [])[1] === 'install')) {
+          fail(cw, 'node sync-config without a node install init container before it');
+        }
+        const sc = c.securityContext || {};
+        if (sc.allowPrivilegeEscalation !== false) fail(cw, 'allowPrivilegeEscalation must be false');
+        if (!sc.readOnlyRootFilesystem) fail(cw, 'readOnlyRootFilesystem must be true');
+        if (!(sc.capabilities?.drop || []).includes('ALL')) fail(cw, 'must drop ALL capabilities');
+        if ((sc.capabilities?.add || []).length) fail(cw, 'must add no capability');
+        configFrom();
+        const hostDir = (file, dir) => {
+          const m = (c.volumeMounts || []).find((x) => file?.startsWith(`${x.mountPath}/`));
+          const v = m && volumes.get(m.name);
+          if (v?.hostPath?.path !== dir) {
+            fail(cw, `${file} is not in a mount of the host's ${dir} (hostPath)`);
+          } else if (v.hostPath.type) {
+            fail(cw, `hostPath ${dir} must have no type (DirectoryOrCreate would make it before the install owns it)`);
+          }
+        };
+        hostDir(flagValue(args, '--host-config'), '/etc/registry-proxy');
+        const probe = c.readinessProbe?.exec?.command || [];
+        const endpoint = (flagValue(probe, '--endpoint') || '').replace(/^unix:\/\//, '');
+        if (!endpoint) fail(cw, 'no readiness probe asking the daemon over its socket');
+        else hostDir(endpoint, '/run/registry-proxy');
+        for (const m of c.volumeMounts || []) {
+          const p = volumes.get(m.name)?.hostPath?.path;
+          if (p && !['/etc/registry-proxy', '/run/registry-proxy'].includes(p)) {
+            fail(cw, `mounts the host's ${p}: it needs /etc/registry-proxy and /run/registry-proxy only`);
+          }
+        }
       }
       if (isWebhook) {
         const sc = { ...spec.securityContext, ...c.securityContext };
