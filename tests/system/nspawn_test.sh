@@ -90,11 +90,19 @@ orig_sd=$(sed -n 's/^[0-9]*:name=systemd://p' /proc/$$/cgroup)
 orig_v2=$(sed -n 's/^0:://p' /proc/$$/cgroup)
 NSPAWN= LEADER= WATCH= LOAD=
 FAILED=0
+# nspawn outside a cgroup of its own leaves /payload and /supervisor at the top of the trees:
+# note which are there before, to tell ours apart.
+stray_cgroups() {
+  local d
+  for d in /sys/fs/cgroup/{systemd,unified}/{payload,supervisor}; do [ -d "$d" ] && echo "$d"; done
+  return 0
+}
+stray_before=$(stray_cgroups)
 
 # Stops everything this run started, by PID; leaves no mount, cgroup or temp dir.
 cleanup() {
   local rc=$?
-  trap - EXIT INT TERM
+  trap - EXIT INT TERM ERR
   set +e
   [ "$rc" -ne 0 ] && [ "$rc" -ne 77 ] && FAILED=1
   if [ "$FAILED" = 1 ] && [ -n "$LEADER" ] && kill -0 "$LEADER" 2>/dev/null; then
@@ -132,6 +140,11 @@ cleanup() {
     [ -d "$d" ] && echo "WARNING: cgroup $d left behind" >&2
   done
   rm -rf "/run/systemd/nspawn/propagate/$NAME" 2>/dev/null
+  if [ "$(stray_cgroups)" != "$stray_before" ]; then
+    echo "FAIL: nspawn left cgroups at the top of the trees: $(stray_cgroups)" >&2
+    FAILED=1
+    [ -z "$stray_before" ] && stray_cgroups | while read -r d; do rmdir "$d"; done
+  fi
   # Mounts under the temp dir (none should be left; a failed step may leave one).
   grep -o " $tmp[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m"; done
   if [ "$FAILED" = 1 ] && [ "${RP_NSPAWN_KEEP:-0}" = 1 ]; then
