@@ -12,6 +12,14 @@ BUILD=${RP_BUILD_DIR:-$RP_ROOT/build}
 NODE_CONTAINERD=/run/containerd/containerd.sock
 
 bin="$BUILD/daemon/registry-proxy"
+# Without arguments (the daemon on a node, or the demo with its private containerd) this needs
+# root: say so before installing or building anything. A subcommand (scripts/run.sh resolve
+# ...) runs as any user.
+if [ $# -eq 0 ] && [ "$(id -u)" -ne 0 ]; then
+  echo "scripts/run.sh: run as root or with sudo (the daemon and the demo's private containerd" >&2
+  echo "need root); a subcommand runs as any user, e.g. scripts/run.sh resolve nginx -n default" >&2
+  exit 1
+fi
 if [ $# -gt 0 ]; then
   rp_install_deps build
   rp_build "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo >&2
@@ -38,10 +46,6 @@ fi
 # --- No containerd here: the demo ------------------------------------------------------------
 rp_install_deps test  # containerd, docker-registry, umoci, skopeo, busybox-static, ...
 rp_build "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo >&2
-if [ "$(id -u)" -ne 0 ]; then
-  echo "the demo runs a private containerd, which needs root: run it as root or with sudo" >&2
-  exit 1
-fi
 testbed="$BUILD/tests/integration/rp-testbed"
 work=$(mktemp -d /tmp/registry-proxy-demo.XXXXXX)
 tb_pid="" daemon_pid=""
