@@ -25,12 +25,79 @@ rp_install_deps() {
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
-  echo "== installing: ${missing[*]}"
+  rp_apt_install "${missing[@]}"
+}
+
+# Units enabled (works without a running systemd, e.g. in a chroot) and units running (only
+# where systemd runs), one per line, sorted.
+rp_units_enabled() {
+  command -v systemctl >/dev/null || return 0
+  systemctl list-unit-files --state=enabled --no-legend --no-pager 2>/dev/null |
+    awk '{print $1}' | sort
+}
+rp_units_active() {
+  [ -d /run/systemd/system ] || return 0
+  systemctl list-units --state=active --no-legend --plain --no-pager \
+    --type=service,socket,timer,path 2>/dev/null | awk '{print $1}' | sort
+}
+
+# apt-get install PKGS..., leaving the host's services as they were: while apt runs, a
+# policy-rc.d refuses every service start (invoke-rc.d and deb-systemd-invoke ask it), and
+# afterwards any unit the packages enabled (deb-systemd-helper enables containerd.service and
+# docker-registry.service) is disabled again, any they started is stopped. What was enabled or
+# running before stays so; a policy-rc.d that was there is put back as it was.
+rp_apt_install() {
   local sudo=()
   [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+  local prc=/usr/sbin/policy-rc.d saved=/usr/sbin/policy-rc.d.rp-saved
+  local enabled_before active_before n log
+  enabled_before=$(rp_units_enabled)
+  active_before=$(rp_units_active)
+  echo "== installing $# Debian packages (and what they depend on): $*"
+  echo "   their services (containerd, docker-registry, ...) are neither started nor enabled"
   "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
-    "${missing[@]}" >/dev/null
+  n=$(apt-get -s install --no-install-recommends "$@" 2>/dev/null | grep -c '^Inst ' || true)
+  echo "   $n packages to download and set up: a few minutes on a fresh machine"
+
+  # Restored however we leave: normally, on error, or on Ctrl-C.
+  rp_apt_restore() {
+    "${sudo[@]}" rm -f "$prc"
+    if [ -e "$saved" ] || [ -L "$saved" ]; then "${sudo[@]}" mv -f "$saved" "$prc"; fi
+  }
+  # (A saved one left by a run that was killed outright is the original: keep it.)
+  if [ ! -e "$saved" ] && { [ -e "$prc" ] || [ -L "$prc" ]; }; then
+    "${sudo[@]}" mv -f "$prc" "$saved"
+  fi
+  trap 'rp_apt_restore; exit 130' INT TERM
+  trap 'rp_apt_restore' EXIT
+  printf '#!/bin/sh\n# scripts/deps.sh: no service starts while it installs packages\nexit 101\n' |
+    "${sudo[@]}" tee "$prc" >/dev/null
+  "${sudo[@]}" chmod 755 "$prc"
+  log=$(mktemp /tmp/rp-apt-install.XXXXXX)
+  local rc=0
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+    "$@" 2>&1 | tee "$log" | awk -v n="$n" '
+      BEGIN { step = n >= 10 ? int(n / 10) : 1 }
+      /^Get:/ { g++; if (g % step == 0) { printf "   downloaded %d of %d\n", g, n; fflush() } }
+      /^Setting up / { s++; if (s % step == 0 || s == n) { printf "   set up %d of %d\n", s, n; fflush() } }' ||
+    rc=$?
+  rp_apt_restore
+  trap - EXIT INT TERM
+  if [ "$rc" -ne 0 ]; then
+    tail -30 "$log" >&2
+    echo "apt-get install failed (exit $rc); its output: $log" >&2
+    return "$rc"
+  fi
+  rm -f "$log"
+  local u
+  for u in $(comm -13 <(echo "$enabled_before") <(rp_units_enabled)); do
+    echo "   disabling $u (enabled by its package; it was not before)"
+    "${sudo[@]}" systemctl disable --quiet "$u" || true
+  done
+  for u in $(comm -13 <(echo "$active_before") <(rp_units_active)); do
+    echo "   stopping $u (started by its package; it was not running before)"
+    "${sudo[@]}" systemctl stop "$u" || true
+  done
 }
 
 # Configures (once) and builds a tree. rp_build DIR [cmake args...]
