@@ -100,12 +100,21 @@ rp_apt_install() {
   done
 }
 
-# Configures (once) and builds a tree. rp_build DIR [cmake args...]
+# Configures (once) and builds a tree: everything, or only TARGETs (and what they need).
+# rp_build DIR [cmake args...] [-- TARGET...]
 rp_build() {
-  local dir=$1
+  local dir=$1 args=() targets=()
   shift
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do args+=("$1"); shift; done
+  [ $# -gt 0 ] && shift && targets=("$@")
   if [ ! -f "$dir/build.ninja" ]; then
-    cmake -S "$RP_ROOT" -B "$dir" -G Ninja -DRP_WERROR="${RP_WERROR:-OFF}" "$@" >/dev/null
+    echo "== configuring $dir (cmake)"
+    cmake -S "$RP_ROOT" -B "$dir" -G Ninja -DRP_WERROR="${RP_WERROR:-OFF}" "${args[@]}" >/dev/null
   fi
-  cmake --build "$dir" -j "${RP_JOBS:-2}"
+  local steps what=${targets[*]:-everything}
+  steps=$(ninja -C "$dir" -n "${targets[@]}" 2>/dev/null | grep -c '^\[' || true)
+  if [ "$steps" -gt 0 ]; then
+    echo "== building $what in $dir: $steps steps (${RP_BUILD_ESTIMATE:-the first time takes a while})"
+  fi
+  cmake --build "$dir" -j "${RP_JOBS:-2}" ${targets[@]:+--target "${targets[@]}"}
 }

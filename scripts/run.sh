@@ -21,15 +21,17 @@ if [ $# -eq 0 ] && [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 if [ $# -gt 0 ]; then
-  rp_install_deps build
-  rp_build "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo >&2
+  rp_install_deps build >&2
+  RP_BUILD_ESTIMATE="first time: about 4-8 min on 2 cores" \
+    rp_build "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -- registry-proxy >&2
   exec "$bin" "$@"
 fi
 
 node_has_containerd() {
   [ -S "$NODE_CONTAINERD" ] || return 1
   rp_install_deps build
-  rp_build "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo >&2
+  RP_BUILD_ESTIMATE="first time: about 4-8 min on 2 cores" \
+    rp_build "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -- registry-proxy
   "$bin" images --endpoint "unix://$NODE_CONTAINERD" >/dev/null 2>&1  # containerd answers
 }
 
@@ -45,7 +47,9 @@ fi
 
 # --- No containerd here: the demo ------------------------------------------------------------
 rp_install_deps test  # containerd, docker-registry, umoci, skopeo, busybox-static, ...
-rp_build "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo >&2
+# Only the daemon and the testbed, not the tests and benchmarks (scripts/test.sh builds those).
+RP_BUILD_ESTIMATE="first time: about 5-10 min on 2 cores" \
+  rp_build "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -- registry-proxy rp-testbed
 testbed="$BUILD/tests/integration/rp-testbed"
 work=$(mktemp -d /tmp/registry-proxy-demo.XXXXXX)
 tb_pid="" daemon_pid=""
