@@ -74,6 +74,15 @@ int Up(const std::vector<std::string>& args) {
   // Children get them unblocked and at their defaults (Process::Spawn).
   signal(SIGINT, SIG_DFL);
   signal(SIGTERM, SIG_DFL);
+  // Blocked for the rest of the process, not only while `signals` lives (it restores the mask
+  // it found, this one): the test image's dir is removed by a static destructor after Up()
+  // returns, and a second signal (Ctrl-C to the group, then run.sh's SIGTERM) must not kill us
+  // before that. Signals still pending at exit are dropped.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   registry_proxy::SignalWaiter signals({SIGINT, SIGTERM});
   auto start = std::chrono::steady_clock::now();
   auto fail = [](const std::string& what, const std::string& msg) {
