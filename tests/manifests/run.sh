@@ -43,22 +43,42 @@ cache=${RP_NPM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/registry-proxy/man
 key=$(cat "$here/package.json" "$here/package-lock.json" | sha256sum | cut -c1-16)
 modules=$cache/$key/node_modules
 mkdir -p "$cache"
+# npm ci that cannot reach its registry fails fast (no retries, 20 s per request, instead of
+# minutes), and the failure is remembered for the other modes of the same run (scripts/test.sh
+# sets RP_TEST_RUN_ID; without it, for 5 minutes): they skip at once.
+failed_mark=$cache/npm-$key.failed
+npm_failed_in_this_run() {
+  [ -f "$failed_mark" ] && [ ! -f "$cache/$key/.installed" ] || return 1
+  if [ -n "${RP_TEST_RUN_ID:-}" ]; then
+    [ "$(cat "$failed_mark")" = "$RP_TEST_RUN_ID" ]
+  else
+    [ -n "$(find "$failed_mark" -mmin -5)" ]
+  fi
+}
+npm_failed_in_this_run &&
+  skip "npm could not reach its registry (an earlier attempt in this run failed: $cache/npm-$key.log)"
 # One installer at a time (ctest runs the modes in parallel); a finished install is marked.
 if ! (
   flock 9
+  npm_failed_in_this_run && exit 1  # it failed while we waited for the lock
   if [ ! -f "$cache/$key/.installed" ]; then
     rm -rf "$cache/$key.tmp"
     mkdir -p "$cache/$key.tmp"
     cp "$here/package.json" "$here/package-lock.json" "$cache/$key.tmp/"
     echo "== npm ci into $cache/$key (once)"
-    (cd "$cache/$key.tmp" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error) \
-      >"$cache/npm-$key.log" 2>&1 || { cat "$cache/npm-$key.log" >&2; exit 1; }
+    (cd "$cache/$key.tmp" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error \
+      --fetch-retries=0 --fetch-timeout=20000) >"$cache/npm-$key.log" 2>&1 || {
+      tail -20 "$cache/npm-$key.log" >&2
+      echo "${RP_TEST_RUN_ID:-}" >"$failed_mark"
+      exit 1
+    }
+    rm -f "$failed_mark"
     touch "$cache/$key.tmp/.installed"
     rm -rf "${cache:?}/$key"
     mv "$cache/$key.tmp" "$cache/$key"
   fi
 ) 9>"$cache/.lock"; then
-  skip "npm ci of tests/manifests/package-lock.json failed (no npm registry?): see above"
+  skip "npm ci of tests/manifests/package-lock.json failed (no npm registry?): $cache/npm-$key.log"
 fi
 export RP_NODE_MODULES=$modules NODE_PATH=$modules
 
