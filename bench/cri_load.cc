@@ -583,7 +583,14 @@ int main(int argc, char** argv) {
     call->Finish(&st, reinterpret_cast<void*>(3));
     while (cq.Next(&tag, &ok) && tag != reinterpret_cast<void*>(3)) {
     }
-    std::printf("-- GetContainerEvents via %s: %s\n", t->name.c_str(), StatusText(st).c_str());
+    if (st.error_code() == grpc::StatusCode::UNIMPLEMENTED) {
+      // containerd 1.6 (Debian 12's) has no container events; 1.7 has. Not an error.
+      std::printf("-- GetContainerEvents via %s: not in this containerd (fine: 1.6 lacks it)\n",
+                  t->name.c_str());
+    } else {
+      std::printf("-- GetContainerEvents via %s: %s\n", t->name.c_str(),
+                  StatusText(st).c_str());
+    }
     cq.Shutdown();
     while (cq.Next(&tag, &ok)) {
     }
@@ -611,6 +618,12 @@ int main(int argc, char** argv) {
   const Workload list{"ListImages", "/runtime.v1.ImageService/ListImages",
                       list_req.SerializeAsString()};
 
+  if (o.smoke) {
+    std::printf(
+        "-- smoke run: a few calls per cell, to prove that every path works; the numbers and\n"
+        "   ratios below are noise, not a measurement (the full run: ninja bench-cri, "
+        "BENCHMARKS.md)\n");
+  }
   PrintHeader();
   bool out_of_time = false;
   auto time_left = [&] {
@@ -779,6 +792,8 @@ int main(int argc, char** argv) {
   base.Stop();
   std::printf("== cri_load done in %.0f s: %s\n",
               std::chrono::duration<double>(Clock::now() - run_start).count(),
-              g_failed ? "SOME CALLS FAILED" : "every call succeeded");
+              g_failed ? "SOME CALLS FAILED"
+              : o.smoke ? "every call succeeded (smoke run: it works; no numbers to read)"
+                        : "every call succeeded");
   return g_failed ? 1 : 0;
 }

@@ -66,7 +66,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Headings in bold on a terminal only: no raw escape codes in a log or a pipe.
+if [ -t 1 ]; then
+  say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+else
+  say() { printf '\n== %s\n' "$*"; }
+fi
 say "starting a throwaway containerd, an empty \"upstream\" registry (containerd reaches it as docker.io) and a \"mirror\" registry holding library/busybox"
 "$testbed" up --mirror-only --env "$work/testbed.env" > "$work/testbed.json" 2> "$work/testbed.log" &
 tb_pid=$!
