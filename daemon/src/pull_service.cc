@@ -138,6 +138,8 @@ void PullService::DeleteRecord(const std::string& name) {
   }
 }
 
+PullService::~PullService() { late_drops_.CloseAndWait(); }
+
 std::mutex& PullService::AliasLock(const std::string& name) {
   return alias_locks_[std::hash<std::string>{}(name) % alias_locks_.size()];
 }
@@ -432,12 +434,13 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
     // repaired by RecoverStatus, which retries the aliasing.
     const std::string& image_ref = resp.image_ref();
     const auto alias_start = Now();
-    if (!Alias(*config, *d.original, c.image)) {
+    const AliasResult aliased = Alias(*config, *d.original, c.image);
+    if (aliased == AliasResult::kFailed) {
       spdlog::error(
           "pull {}: served by mirror {} as {}, but naming it {} failed (see above); the image "
           "is on the node under the mirror name only",
           image, c.image, image_ref, d.original->NormalizedString());
-    } else {
+    } else if (aliased == AliasResult::kWritten) {
       runtime::v1::ImageStatusRequest sreq;
       sreq.mutable_image()->set_image(image);
       runtime::v1::ImageStatusResponse sresp;
@@ -463,13 +466,14 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
   return {last, ""};
 }
 
-bool PullService::Alias(const Config& config, const Reference& original,
-                        const std::string& mirror_image) {
+PullService::AliasResult PullService::Alias(const Config& config, const Reference& original,
+                                            const std::string& mirror_image) {
+  constexpr AliasResult kFailed = AliasResult::kFailed;
   auto mref = ParseNamedReference(mirror_image);
   if (!mref.ok()) {
     spdlog::error("alias {}: mirror reference {} does not parse: {}", original.String(),
                   mirror_image, mref.error());
-    return false;
+    return kFailed;
   }
   const std::string mirror_name = mref->NormalizedString();
   const std::string original_name = original.NormalizedString();
@@ -481,16 +485,16 @@ bool PullService::Alias(const Config& config, const Reference& original,
     // Another pull or recovery of this image got here first, aliased it and dropped the mirror
     // names (under this lock, so it finished). The original record says so.
     ImageRecord existing;
-    if (records_->Get(original_name, &existing).ok()) return true;
+    if (records_->Get(original_name, &existing).ok()) return AliasResult::kWritten;
   }
   if (!s.ok()) {
     spdlog::error("alias {}: cannot read the record of {}: {}", original_name, mirror_name,
                   Outcome(s));
-    return false;
+    return kFailed;
   }
   if (rec.target_digest.empty()) {
     spdlog::error("alias {}: the record of {} has no target digest", original_name, mirror_name);
-    return false;
+    return kFailed;
   }
 
   // What containerd's CRI names a pulled image: name:tag (absent for a pull by digest; with
@@ -504,17 +508,28 @@ bool PullService::Alias(const Config& config, const Reference& original,
   ImageRecord alias = rec;
   alias.labels[kCriManagedLabel] = kCriManagedValue;  // CRI picks it up fastest with this
   alias.labels[kSourceLabel] = mirror_image;
-  for (const std::string& name : names) {
+  // A re-pull of a present image: the names already say all this (reads cost no disk write).
+  const bool already = std::all_of(names.begin(), names.end(), [&](const std::string& name) {
+    ImageRecord cur;
+    return records_->Get(name, &cur).ok() && cur.target_digest == alias.target_digest &&
+           cur.target_media_type == alias.target_media_type && cur.labels == alias.labels;
+  });
+  for (const std::string& name : already ? std::vector<std::string>{} : names) {
     alias.name = name;
     if (grpc::Status ps = records_->Put(alias); !ps.ok()) {
       spdlog::error("alias {}: cannot write the record {}: {}", original_name, name, Outcome(ps));
-      return false;  // the mirror names stay: they are all the node has
+      return kFailed;  // the mirror names stay: they are all the node has
     }
   }
-  spdlog::info("alias {}: {} -> {} ({})", original_name, mirror_name, rec.target_digest,
-               names.size() == 1 ? names[0] : names[0] + ", " + names[1]);
+  if (already) {
+    spdlog::debug("alias {}: already names {} ({})", original_name, rec.target_digest, mirror_name);
+  } else {
+    spdlog::info("alias {}: {} -> {} ({})", original_name, mirror_name, rec.target_digest,
+                 names.size() == 1 ? names[0] : names[0] + ", " + names[1]);
+  }
+  const AliasResult done = already ? AliasResult::kAlreadyNamed : AliasResult::kWritten;
 
-  if (config.node.keep_mirror_names) return true;
+  if (config.node.keep_mirror_names) return done;
   std::vector<std::string> drop;
   for (std::string name : {mirror_name, mref->Name() + "@" + rec.target_digest}) {
     // Never an id, never a name just written (a mirror that maps onto the original itself).
@@ -524,8 +539,16 @@ bool PullService::Alias(const Config& config, const Reference& original,
     }
     drop.push_back(std::move(name));
   }
+  if (already) {
+    // Nothing else to wait for: answer now, drop containerd's new mirror names a moment later
+    // (at once here when no thread can be had).
+    auto job = std::make_shared<std::vector<std::string>>(drop);
+    if (late_drops_.Start([this, mirror_name, job] { DropMirrorNames(mirror_name, *job); })) {
+      return done;
+    }
+  }
   DropMirrorNames(mirror_name, std::move(drop));
-  return true;
+  return done;
 }
 
 bool PullService::WaitForStatus(CriVersion v, const runtime::v1::ImageStatusRequest& req,
@@ -627,7 +650,7 @@ InterceptResult PullService::DoRecoverStatus(CriVersion v, const std::string& re
     if (!mresp.has_image()) continue;
     spdlog::info("status {}: missing, but mirror copy {} ({}) is on the node; aliasing", image,
                  candidate, mresp.image().id());
-    if (!Alias(*config, *d.original, candidate)) return unchanged;
+    if (Alias(*config, *d.original, candidate) == AliasResult::kFailed) return unchanged;
     runtime::v1::ImageStatusResponse out;
     if (!WaitForStatus(v, req, mresp.image().id(), opts, &out)) {
       spdlog::warn("status {}: aliased, but CRI did not show it within {}ms", image,

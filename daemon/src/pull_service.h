@@ -37,6 +37,7 @@
 #include "mirror_health.h"
 #include "pull_observer.h"
 #include "upstream.h"
+#include "worker_threads.h"
 
 namespace registry_proxy {
 
@@ -80,6 +81,7 @@ class PullService final : public ImageInterceptor {
   // `config` must never return null (ConfigStore::Current() never does).
   PullService(ConfigSource config, CriImageBackend* cri, ImageRecordStore* records,
               Options options);
+  ~PullService() override;  // waits for the mirror names still being dropped
 
   InterceptResult PullImage(CriVersion v, const std::string& request,
                             const CallOptions& opts) override;
@@ -102,8 +104,12 @@ class PullService final : public ImageInterceptor {
 
   // Names the image `mirror_image` (a mirror reference a pull or status found on the node)
   // by `original`'s names too, and (unless keep_mirror_names) drops the mirror names.
-  // True when the original names point at the image afterwards.
-  bool Alias(const Config& config, const Reference& original, const std::string& mirror_image);
+  // kFailed: the original names may not point at it; kWritten: they do now (CRI shows them
+  // after it has applied the change); kAlreadyNamed: they already did, nothing was written
+  // (a re-pull of a present image: no record writes, nothing to wait for).
+  enum class AliasResult { kFailed, kWritten, kAlreadyNamed };
+  AliasResult Alias(const Config& config, const Reference& original,
+                    const std::string& mirror_image);
   // Polls ImageStatus(req) until it returns an image (with id `want_id`, unless empty) or
   // alias_wait runs out. `out` holds the last answer.
   bool WaitForStatus(CriVersion v, const runtime::v1::ImageStatusRequest& req,
@@ -135,6 +141,9 @@ class PullService final : public ImageInterceptor {
   void DeleteRecord(const std::string& name);
   std::mutex mirror_pulls_mu_;  // held while dropping names, so no pull starts meanwhile
   std::unordered_map<std::string, MirrorPulls> mirror_pulls_;  // guarded by mirror_pulls_mu_
+  // A re-pull of a present image answers before containerd's new mirror names are dropped
+  // (each delete is a containerd database write): the drop runs here, a moment later.
+  WorkerThreads late_drops_{8};
 };
 
 }  // namespace registry_proxy

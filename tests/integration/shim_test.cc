@@ -51,6 +51,33 @@ TEST_F(ShimTest, MirrorServesAndNodeLooksAsIfUpstreamHad) {
   }
 }
 
+// kubelet re-pulls present images (imagePullPolicy: Always): the second pull finds the upstream
+// names already pointing at the image, writes none, and drops containerd's new mirror names a
+// moment after answering.
+TEST_F(ShimTest, RePullOfAPresentImageKeepsItsNamesAndDropsTheMirrorNames) {
+  std::string repo = Repo({bed->mirror1});
+  StartDaemon(MirrorConfig({bed->mirror1->host()}));
+  runtime::v1::PullImageResponse first, second;
+  ASSERT_TRUE(Pull(repo, "default", &first).ok()) << DaemonLog();
+  ASSERT_TRUE(Pull(repo, "default", &second).ok()) << DaemonLog();
+  EXPECT_EQ(second.image_ref(), first.image_ref());
+  EXPECT_GE(bed->mirror1->ManifestRequests(repo), 2u) << "containerd asked the mirror again";
+  runtime::v1::Image img = ImageOf(*client_, repo);
+  EXPECT_EQ(img.id(), first.image_ref());
+  EXPECT_THAT(img.repo_tags(), Contains("docker.io/" + repo + ":latest"));
+  auto mirror_names = [&] {
+    int n = 0;
+    for (const std::string& name : AllNames())
+      n += name.find(bed->mirror1->host()) != std::string::npos;
+    return n;
+  };
+  const auto until = std::chrono::steady_clock::now() + 5s;
+  while (mirror_names() > 0 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(20ms);
+  }
+  EXPECT_EQ(mirror_names(), 0) << DaemonLog();
+}
+
 TEST_F(ShimTest, ExcludedNamespacePullsUpstream) {
   std::string repo = Repo({bed->upstream, bed->mirror1});
   StartDaemon(MirrorConfig({bed->mirror1->host()}));

@@ -72,6 +72,7 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
   int stale_status_calls = 0;
   bool fail_put = false;
   std::atomic<int> status_calls{0};
+  std::atomic<int> puts{0};
 
   std::vector<PullCall> pulls() {
     std::lock_guard l(mu_);
@@ -156,6 +157,7 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
   grpc::Status Put(const ImageRecord& record) override {
     std::lock_guard l(mu_);
     if (fail_put) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "containerd is away");
+    ++puts;
     if (auto it = records_.find(record.name); it != records_.end()) {
       stale_[record.name] = {it->second, stale_status_calls};
     }
@@ -419,6 +421,42 @@ TEST_F(PullServiceTest, MirrorServesAndTheNodeLooksAsIfUpstreamHad) {
                       "rule=rules[0] (test.yaml:5) auth=no"),
             std::string::npos)
       << text;
+}
+
+// kubelet re-pulls present images (imagePullPolicy: Always, KEP-2535): when the original names
+// already point at the image just pulled, nothing is written and nothing waited for.
+TEST_F(PullServiceTest, RePullOfAPresentImageWritesNoRecordAndWaitsForNothing) {
+  fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
+  ASSERT_TRUE(Pull(Request("nginx", "default")).status.ok());
+  const int puts = fake_.puts.load(), polls = fake_.status_calls.load();
+  EXPECT_EQ(puts, 2);  // the tag and the digest name
+  const size_t deletes = fake_.deletes().size();
+
+  InterceptResult r = Pull(Request("nginx", "default"));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(ImageRef(r), kId);
+  EXPECT_EQ(fake_.puts.load(), puts) << "no record written";
+  EXPECT_EQ(fake_.status_calls.load(), polls) << "no visibility wait";
+  // containerd named the mirror copy again in its pull: those names still go, a moment after
+  // the answer.
+  const std::set<std::string> upstream_names = {"docker.io/library/nginx:latest",
+                                                "docker.io/library/nginx@" + kDigest, kId};
+  for (int i = 0; i < 200 && fake_.RecordNames() != upstream_names; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_GT(fake_.deletes().size(), deletes);
+  EXPECT_EQ(fake_.RecordNames(), upstream_names);
+
+  // A moved tag is written and waited for as a first pull is.
+  const std::string new_digest = "sha256:" + std::string(64, 'c');
+  const std::string new_id = "sha256:" + std::string(64, 'e');
+  fake_.Serve("m1.example/library/nginx:latest", new_digest, new_id);
+  r = Pull(Request("nginx", "default"));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(ImageRef(r), new_id);
+  EXPECT_EQ(fake_.puts.load(), puts + 2);
+  EXPECT_GT(fake_.status_calls.load(), polls);
+  EXPECT_EQ(fake_.Record("docker.io/library/nginx:latest").target_digest, new_digest);
 }
 
 TEST_F(PullServiceTest, KeepMirrorNamesKeepsThem) {
@@ -793,9 +831,14 @@ TEST_F(PullServiceTest, ConcurrentPullsOfOneImage) {
   }
   for (auto& t : threads) t.join();
   EXPECT_EQ(ok.load(), 8);
-  EXPECT_EQ(fake_.RecordNames(),
-            (std::set<std::string>{"docker.io/library/nginx:latest",
-                                   "docker.io/library/nginx@" + kDigest, kId}));
+  // Pulls that found the image already named answered first and drop the mirror names a
+  // moment later.
+  const std::set<std::string> upstream_names = {"docker.io/library/nginx:latest",
+                                                "docker.io/library/nginx@" + kDigest, kId};
+  for (int i = 0; i < 200 && fake_.RecordNames() != upstream_names; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(fake_.RecordNames(), upstream_names);
 }
 
 // Two pulls of one image go to containerd together; the first to finish aliases it. The mirror
