@@ -9,8 +9,8 @@
 #   kubelet.service, idempotence, reload (same PID), restart under a stream of CLI calls,
 #   socket activation, the CLI against a daemon that is starting (issue 12, 5b), SIGKILL ->
 #   restarted, reboot -> ready before kubelet, upgrade and downgrade of the bundle under load,
-#   the installer pod's path (--host-root, --watch, its own mount namespace, the node's PID
-#   namespace), the .deb (install, reinstall, remove, purge: /opt, /etc, /lib/systemd/system
+#   the installer pod's path (init container: node install --host-root from its own PID and
+#   mount namespaces, no hostPID; sync-config without capabilities), the .deb (install, reinstall, remove, purge: /opt, /etc, /lib/systemd/system
 #   survive, issue 12, 5c).
 #
 # Usage: nspawn_test.sh BINARY BUILD_DIR
@@ -322,10 +322,11 @@ same_as() {  # FILE: the root's snapshot equals FILE
 }
 prop() { ct systemctl show -P "$2" "$1"; }
 rp() { ct /opt/registry-proxy/bin/registry-proxy "$@"; }
-journal_has() {  # UNIT CURSOR_FILE TEXT: the unit logged TEXT since the cursor
-  ct journalctl -q --no-pager -u "$1" --after-cursor="$(cat "$2")" | grep -qF -- "$3"
+# How often the daemon's journal has TEXT so far; journal_has TEXT N: more than N times now.
+journal_count() {
+  ct journalctl -q --no-pager -u registry-proxy.service | grep -cF -- "$1" || true
 }
-cursor() { ct journalctl -q -n 0 --show-cursor | sed -n 's/^-- cursor: //p' >"$1"; }
+journal_has() { [ "$(journal_count "$1")" -gt "$2" ]; }
 
 # load_start SECONDS: CLI calls (images) in a loop inside the container for SECONDS; one line
 # per failure in $tmp/load.out.
@@ -393,10 +394,10 @@ check "install again: kubelet was not restarted" test "$(prop kubelet.service Ma
 
 # ---------------------------------------------------------------------------------------------
 log "reload, restart, socket activation, SIGKILL"
-cursor "$tmp/cur"
+seen=$(journal_count "SIGHUP: reloading")
 check "systemctl reload registry-proxy" ct systemctl reload registry-proxy.service
 check "reload: same MainPID" test "$(prop registry-proxy.service MainPID)" = "$pid"
-wait_for 10 "the reload in the journal" journal_has registry-proxy "$tmp/cur" "SIGHUP: reloading"
+wait_for 10 "the reload in the journal" journal_has "SIGHUP: reloading" "$seen"
 ok "reload: the daemon logged it"
 check "reload: still active" ct systemctl is-active -q registry-proxy.service
 
@@ -472,52 +473,83 @@ check "uninstall: the socket is gone" ct test ! -e /run/registry-proxy/registry-
 check "uninstall: the root is as before the install (files, modes, hashes)" same_as "$tmp/before.lst"
 
 # ---------------------------------------------------------------------------------------------
-# The installer pod's path: in the node's PID namespace (hostPID: true), in a mount namespace
-# of its own with the node's / (recursively: /run too) at /mnt/host; systemctl reaches the
-# node's systemd through PID 1 (nsenter -t 1). The pod's filesystem is the node's here (a tmpfs
-# over /mnt holds the mount point), its ConfigMap a directory the test changes.
-log "the installer pod's path: node install --host-root /mnt/host --watch"
+# The installer pod (daemonset/node/installer.yaml): each container in a mount namespace of its
+# own (its filesystem is the node's here: the image would bring the same bundle) and, unless the
+# manifest sets hostPID, a PID namespace of its own (a child of the node's, as a pod's is); the
+# ConfigMap a directory the test changes.
+#  - init container `install`: privileged, the node's / (recursively: its /proc and /run too)
+#    at /mnt/host; systemctl reaches the node's systemd through /mnt/host/proc/1/ns/mnt.
+#  - container `sync-config`: uid 0 without capabilities (empty bounding set, no_new_privs),
+#    only the node's /etc/registry-proxy and /run/registry-proxy mounted; its readiness probe is
+#    `registry-proxy images` on the node's socket.
+log "the installer pod: init container (node install --host-root), sync-config"
 mkdir -p "$tmp/x/podcfg"
 cp "$tmp/x/config.yaml" "$tmp/x/podcfg/config.yaml"
-pod() {  # CMD...: as the installer pod
-  nsenter -t "$LEADER" -m -p -- unshare -m --propagation private -- sh -c \
-    'mount -t tmpfs pod /mnt && mkdir /mnt/host && mount --rbind / /mnt/host && exec "$@"' sh "$@"
+# hostPID (pod-wide) as the manifest says: the node's PID namespace, else one of its own.
+pidns=(-p --fork)
+hostpid="no hostPID"
+if grep -qE '^[[:space:]]*hostPID:[[:space:]]*true' "$src/daemonset/node/installer.yaml"; then
+  pidns=()
+  hostpid="hostPID"
+fi
+install_ctr() {  # CMD...: as the privileged init container
+  nsenter -t "$LEADER" -m -p -- unshare -m "${pidns[@]}" --propagation private -- sh -c \
+    'mount -t tmpfs pod /mnt && mkdir /mnt/host && mount --rbind / /mnt/host &&
+     mount -t proc proc /proc && exec "$@"' sh "$@"
 }
-setsid bash -c "$(declare -f pod); LEADER=$LEADER; pod \"\$@\"" pod \
-  /x/v1/opt/registry-proxy/bin/registry-proxy node install --host-root /mnt/host \
-  --config-from /x/podcfg/config.yaml --watch >"$tmp/watch.log" 2>&1 &
-WATCH=$!
-wait_for 60 "the pod's install to start the daemon" ct systemctl is-active -q registry-proxy.service
-wait_for 60 "the pod's install to finish" grep -qi watching "$tmp/watch.log"
-check "pod: the CLI answers" rp images --timeout 30s
+install_ctr /x/v1/opt/registry-proxy/bin/registry-proxy node install --host-root /mnt/host \
+  --config-from /x/podcfg/config.yaml --configure-kubelet >"$tmp/pod-install.log" 2>&1 ||
+  { cat "$tmp/pod-install.log" >&2; fail "pod ($hostpid): node install (init container) failed"; }
+ok "pod ($hostpid): node install --host-root /mnt/host from its own mount namespace"
+check "pod: registry-proxy.service is active" ct systemctl is-active -q registry-proxy.service
+check "pod: kubelet points at the daemon" ct grep -qx \
+  'imageServiceEndpoint: unix:///run/registry-proxy/registry-proxy.sock' /var/lib/kubelet/config.yaml
 check "pod: the installed binary is bundle v1" \
   test "$(ct sha256sum /opt/registry-proxy/bin/registry-proxy | cut -d' ' -f1)" = "$V1"
+check "pod: no mount of the init container is left in the node" \
+  sh -c "! nsenter -t $LEADER -a grep -q ' /mnt/host' /proc/mounts"
+
+setsid nsenter -t "$LEADER" -m -p -- unshare -m "${pidns[@]}" --propagation private -- sh -c \
+  'mount -t tmpfs pod /mnt && mkdir /mnt/host-etc /mnt/host-run &&
+   mount --bind /etc/registry-proxy /mnt/host-etc && mount --bind /run/registry-proxy /mnt/host-run &&
+   mount -t proc proc /proc &&
+   exec setpriv --bounding-set=-all --inh-caps=-all --no-new-privs "$@"' sh \
+  /x/v1/opt/registry-proxy/bin/registry-proxy node sync-config \
+  --config-from /x/podcfg/config.yaml --host-config /mnt/host-etc/config.yaml \
+  >"$tmp/sync.log" 2>&1 &
+WATCH=$!
+sync_pid() { pgrep -g "$WATCH" -x registry-proxy; }
+wait_for 30 "sync-config to start" sync_pid
+SYNC=$(sync_pid)
+check "sync-config: no capabilities" \
+  sh -c "grep -q '^CapEff:[[:space:]]*0000000000000000' /proc/$SYNC/status"
+check "sync-config: readiness probe (images on the node's socket, from its namespaces)" \
+  nsenter -t "$SYNC" -m -p -- /x/v1/opt/registry-proxy/bin/registry-proxy images --timeout 5s \
+  --endpoint unix:///mnt/host-run/registry-proxy.sock
 pid=$(prop registry-proxy.service MainPID)
-cursor "$tmp/cur"
+seen=$(journal_count "applied: generation")
 sed 's/^excludeNamespaces: \[/excludeNamespaces: [pod-watch-test, /' "$tmp/x/podcfg/config.yaml" \
   >"$tmp/x/podcfg/new.yaml"
 "$bin" check-config "$tmp/x/podcfg/new.yaml" >/dev/null || fail "the changed config does not validate"
 mv "$tmp/x/podcfg/new.yaml" "$tmp/x/podcfg/config.yaml"
-wait_for 30 "--watch to copy the changed config to the node" ct grep -q pod-watch-test \
+wait_for 30 "sync-config to copy the changed config to the node" ct grep -q pod-watch-test \
   /etc/registry-proxy/config.yaml
-ok "pod: --watch copied the changed config to the node"
-wait_for 30 "the daemon to apply the changed config" journal_has registry-proxy "$tmp/cur" "applied: generation"
-ok "pod: the daemon reloaded it"
-check "pod: same MainPID after the config change" test "$(prop registry-proxy.service MainPID)" = "$pid"
-# SIGTERM to the installer itself (nsenter, its parent here, would die of it, not pass it on).
-watcher=$(pgrep -g "$WATCH" -x registry-proxy) || fail "pod: no registry-proxy in the watch's group"
-kill -TERM $watcher
-timeout 20 tail --pid="$WATCH" -f /dev/null || fail "pod: --watch did not stop on SIGTERM"
+ok "sync-config: copied the changed ConfigMap to the node"
+wait_for 30 "the daemon to apply the changed config" journal_has "applied: generation" "$seen"
+ok "sync-config: the daemon applied it"
+check "sync-config: same MainPID after the config change" \
+  test "$(prop registry-proxy.service MainPID)" = "$pid"
+kill -TERM "$SYNC"
+timeout 20 tail --pid="$WATCH" -f /dev/null || fail "sync-config did not stop on SIGTERM"
 rc=0
 wait "$WATCH" || rc=$?
 WATCH=
-check "pod: --watch exits 0 on SIGTERM (exit $rc)" test "$rc" = 0
-check "pod: the daemon keeps running after the installer stopped" \
+check "sync-config: exits 0 on SIGTERM (exit $rc)" test "$rc" = 0
+check "pod: the daemon keeps running after the pod stopped" \
   ct systemctl is-active -q registry-proxy.service
-pod /x/v1/opt/registry-proxy/bin/registry-proxy node uninstall --host-root /mnt/host \
+install_ctr /x/v1/opt/registry-proxy/bin/registry-proxy node uninstall --host-root /mnt/host \
   >"$tmp/pod-uninstall.log" 2>&1 || { cat "$tmp/pod-uninstall.log" >&2; fail "pod: node uninstall failed"; }
-ok "pod: node uninstall succeeded"
-check "pod: no mount of the pod is left in the node" sh -c "! nsenter -t $LEADER -a grep -q ' /mnt/host ' /proc/mounts"
+ok "pod: node uninstall --host-root /mnt/host (the uninstaller's init container)"
 check "pod: the root is as before the install" same_as "$tmp/before.lst"
 
 # ---------------------------------------------------------------------------------------------
