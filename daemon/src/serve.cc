@@ -81,6 +81,23 @@ class LogCalls final : public CallObserver {
   ChannelKeeper* const keeper_;
 };
 
+// The shipped default sends tag pulls of public registries to third-party mirrors, which then
+// serve them under upstream's names (SECURITY.md "What a mirror can do"): say so once, with
+// where pulls go, when that is the config in force.
+void LogWhenBuiltinDefault(const Config& config) {
+  if (config.content_sha256 != BuiltinConfig()->content_sha256) return;
+  std::string where;
+  for (const Rule& r : config.policy->rules()) {
+    for (const Mirror& m : r.mirrors)
+      where += (where.empty() ? "" : ", ") + r.match + " -> " + m.host;
+  }
+  spdlog::warn(
+      "the config in force ({}) is the built-in default: pulls go to third-party mirrors ({}), "
+      "which can serve any content under a tag and are named as upstream's on this node; set "
+      "your own mirrors (README.md \"Configuration\", SECURITY.md)",
+      config.source, where.empty() ? "none" : where);
+}
+
 }  // namespace
 
 int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostream& err) {
@@ -136,6 +153,7 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
         "config appears",
         store.path());
   }
+  LogWhenBuiltinDefault(*store.Current());
   const NodeSettings node = store.Current()->node;  // socket settings are read once
   ProxyOptions popts;
   popts.listen = args->Get("--listen").value_or(node.listen);

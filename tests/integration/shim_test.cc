@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "config.h"
 #include "cri_client.h"
 #include "shim_fixture.h"
 #include "testbed.h"
@@ -76,6 +77,18 @@ TEST_F(ShimTest, RePullOfAPresentImageKeepsItsNamesAndDropsTheMirrorNames) {
     std::this_thread::sleep_for(20ms);
   }
   EXPECT_EQ(mirror_names(), 0) << DaemonLog();
+}
+
+// The shipped default points at third-party mirrors: serve says so once at start, naming where
+// pulls go; with a config of the operator's own it says nothing of the kind.
+TEST_F(ShimTest, TheBuiltInDefaultConfigIsAnnouncedWithWherePullsGo) {
+  StartDaemon(std::string(registry_proxy::BuiltinConfigYaml()));
+  EXPECT_THAT(DaemonLog(), HasSubstr("is the built-in default: pulls go to third-party mirrors "
+                                     "(docker.io -> docker.ketches.cn"));
+  StopDaemon();
+  StartDaemon(MirrorConfig({bed->mirror1->host()}));
+  const std::string log = DaemonLog();  // both runs: look at the second
+  EXPECT_THAT(log.substr(log.rfind("applied: generation 1")), Not(HasSubstr("built-in default")));
 }
 
 TEST_F(ShimTest, ExcludedNamespacePullsUpstream) {
