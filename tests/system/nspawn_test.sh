@@ -88,7 +88,7 @@ CG_SD=/sys/fs/cgroup/systemd/$NAME
 CG_V2=/sys/fs/cgroup/unified/$NAME
 orig_sd=$(sed -n 's/^[0-9]*:name=systemd://p' /proc/$$/cgroup)
 orig_v2=$(sed -n 's/^0:://p' /proc/$$/cgroup)
-NSPAWN= LEADER= WATCH= LOAD=
+NSPAWN='' LEADER='' WATCH='' LOAD=''
 FAILED=0
 # nspawn outside a cgroup of its own leaves /payload and /supervisor at the top of the trees:
 # note which are there before, to tell ours apart.
@@ -123,7 +123,7 @@ cleanup() {
   local d p
   for d in "$CG_SD" "$CG_V2"; do
     [ -d "$d" ] || continue
-    for p in $(cat $(find "$d" -name cgroup.procs) 2>/dev/null); do
+    for p in $(find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null); do
       [ "$p" != $$ ] && kill -KILL "$p" 2>/dev/null
     done
   done
@@ -146,7 +146,7 @@ cleanup() {
     [ -z "$stray_before" ] && stray_cgroups | while read -r d; do rmdir "$d"; done
   fi
   # Mounts under the temp dir (none should be left; a failed step may leave one).
-  grep -o " $tmp[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m"; done
+  grep -o " ${tmp}[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m"; done
   if [ "$FAILED" = 1 ] && [ "${RP_NSPAWN_KEEP:-0}" = 1 ]; then
     echo "kept $tmp" >&2
   else
@@ -280,7 +280,7 @@ boot() {
     --private-network --console=read-only --bind-ro="$tmp/x:/x" </dev/null >>"$tmp/nspawn.log" 2>&1 &
   NSPAWN=$!
   LEADER=
-  local state= c end=$(($(date +%s) + 60))
+  local state='' c end=$(($(date +%s) + 60))
   while [ "$(date +%s)" -lt "$end" ]; do
     # The container's init: nspawn's child that runs systemd (an intermediate child comes
     # first and goes).
@@ -306,7 +306,7 @@ nspawn_exit() {
   RC=0
   timeout 60 tail --pid="$NSPAWN" -f /dev/null || fail "systemd-nspawn did not exit within 60 s"
   wait "$NSPAWN" || RC=$?
-  NSPAWN= LEADER=
+  NSPAWN='' LEADER=''
 }
 
 # A listing of the root with a hash of every file (mode, owner, link target): what an install
