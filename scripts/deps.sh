@@ -1,5 +1,5 @@
 # Installs the Debian 12 packages registry-proxy needs, only those missing.
-# Sourced by scripts/run.sh and scripts/test.sh; usage: rp_install_deps build|test|run
+# Sourced by scripts/run.sh and scripts/test.sh; usage: rp_install_deps build|demo|test
 set -euo pipefail
 
 RP_BUILD_PKGS=(cmake ninja-build g++ pkg-config
@@ -9,11 +9,16 @@ RP_BUILD_PKGS=(cmake ninja-build g++ pkg-config
 RP_TEST_PKGS=(libgtest-dev libgmock-dev libbenchmark-dev clang libclang-rt-14-dev
   containerd runc docker-registry umoci skopeo busybox-static openssl curl wrk socat
   systemd systemd-container debootstrap)
+# What scripts/run.sh's demo needs on top of the build packages: the test frameworks CMake's
+# configure asks for, and what rp-testbed runs (not clang, node, wrk, ...: those are for tests).
+RP_DEMO_PKGS=(libgtest-dev libgmock-dev libbenchmark-dev
+  containerd runc docker-registry umoci skopeo busybox-static)
 
 rp_install_deps() {
   local want=("${RP_BUILD_PKGS[@]}")
   case "${1:-build}" in
     test) want+=("${RP_TEST_PKGS[@]}") ;;
+    demo) want+=("${RP_DEMO_PKGS[@]}") ;;
   esac
   # tests/manifests needs node and npm (Debian's nodejs npm). A node installed otherwise (one
   # that carries its own npm, which Debian's npm package conflicts with) is kept.

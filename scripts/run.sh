@@ -46,7 +46,7 @@ if [ "${RP_DEMO:-0}" != "1" ] && node_has_containerd; then
 fi
 
 # --- No containerd here: the demo ------------------------------------------------------------
-rp_install_deps test  # containerd, docker-registry, umoci, skopeo, busybox-static, ...
+rp_install_deps demo  # containerd, docker-registry, umoci, skopeo, busybox-static, ...
 # Only the daemon and the testbed, not the tests and benchmarks (scripts/test.sh builds those).
 RP_BUILD_ESTIMATE="first time: about 5-10 min on 2 cores" \
   rp_build "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -- registry-proxy rp-testbed
