@@ -25,7 +25,8 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 # In CI the integration tests (real containerd and registries, root) must run, not skip.
 if [ "${CI:-}" = "true" ]; then export RP_REQUIRE_INTEGRATION=1; fi
 failed=()
-export RP_TEST_RUN_ID="$$-$(date +%s)"  # tests/manifests remembers a failed npm ci for the run
+RP_TEST_RUN_ID="$$-$(date +%s)"  # tests/manifests remembers a failed npm ci for the run
+export RP_TEST_RUN_ID
 total_pass=0 total_fail=0 total_skip=0
 table=()
 
