@@ -851,20 +851,23 @@ class HostSystemctl final : public Systemctl {
   Status Reachable() override {
     std::error_code ec;
     if (fs::equivalent(root_, "/", ec)) return Status::Ok();
-    // The host's / is mounted at root_ (in a pod): its /proc shows the host's processes.
+    // The host's / is mounted at root_: we are in a pod. The host's systemd is our PID 1 only
+    // with hostPID, and then it is in another mount namespace than ours.
     const Host host(root_);
     HostSystemdFacts f;
     f.host_root = host.root();
+    if (auto r = ReadRegularFile("/proc/1/comm", 256); auto* c = std::get_if<FileContents>(&r)) {
+      f.pid1_comm = c->data;
+      while (!f.pid1_comm.empty() && f.pid1_comm.back() == '\n') f.pid1_comm.pop_back();
+    }
     f.host_runs_systemd = fs::is_directory(host.Path("/run/systemd/system"), ec);
-    if (auto r = ReadRegularFile(host.Path("/proc/1/comm"), 256);
-        auto* c = std::get_if<FileContents>(&r)) {
-      f.host_pid1_comm = c->data;
-      while (!f.host_pid1_comm.empty() && f.host_pid1_comm.back() == '\n') {
-        f.host_pid1_comm.pop_back();
-      }
+    const std::string host_pid_ns = Readlink(host.Path("/proc/1/ns/pid"));
+    const std::string our_pid_ns = Readlink("/proc/self/ns/pid");
+    if (!host_pid_ns.empty() && !our_pid_ns.empty()) {
+      f.in_host_pid_namespace = host_pid_ns == our_pid_ns;
     }
     const std::string mnt = Readlink("/proc/self/ns/mnt");
-    f.shares_host_mount_namespace = !mnt.empty() && mnt == Readlink(host.Path("/proc/1/ns/mnt"));
+    f.shares_pid1_mount_namespace = !mnt.empty() && mnt == Readlink("/proc/1/ns/mnt");
     return DiagnoseHostSystemd(f, pod_);
   }
 
@@ -873,7 +876,7 @@ class HostSystemctl final : public Systemctl {
     std::vector<std::string> argv;
     std::error_code ec;
     if (!fs::equivalent(root_, "/", ec)) {
-      argv = {"nsenter", "--mount=" + Host(root_).Path("/proc/1/ns/mnt"), "--"};
+      argv = {"nsenter", "-t", "1", "-m", "-u", "-i", "-n", "-p", "--"};
     }
     argv.push_back("systemctl");
     argv.insert(argv.end(), args.begin(), args.end());
@@ -937,30 +940,37 @@ std::unique_ptr<Systemctl> MakeHostSystemctl(std::string host_root, std::string 
 
 Status DiagnoseHostSystemd(const HostSystemdFacts& f, std::string_view pod) {
   const std::string& root = f.host_root;
+  // systemd started as /sbin/init may be named "init"; so are other inits, which never create
+  // /run/systemd/system.
+  const bool pid1_systemd =
+      f.pid1_comm == "systemd" || (f.pid1_comm == "init" && f.host_runs_systemd);
+  const std::string needs_host_pid = "the " + std::string(pod) + " pod needs hostPID: true";
+  if (pid1_systemd && f.in_host_pid_namespace != std::optional<bool>(false)) {
+    if (f.shares_pid1_mount_namespace) {
+      return Status::Error("--host-root " + root +
+                           " is not /, but this process already runs in the host's mount "
+                           "namespace: use --host-root /");
+    }
+    return Status::Ok();
+  }
   if (!f.host_runs_systemd) {
-    // sd_booted() on the host: whatever PID 1 is, there is no systemd to talk to.
+    // sd_booted() on the host: whatever PID 1 is here, there is no systemd to talk to.
     return Status::Error("the host does not run systemd (" + root +
                          "/run/systemd/system does not exist): registry-proxy runs as a systemd "
                          "service and cannot be managed on this node");
   }
-  if (f.host_pid1_comm.empty()) {
-    return Status::Error("cannot reach the host's systemd: " + root +
-                         "/proc shows no process 1; the " + std::string(pod) +
-                         " pod must mount the host's / with its submounts (a hostPath volume of "
-                         "/ does)");
+  if (f.in_host_pid_namespace == std::optional<bool>(true)) {
+    return Status::Error("cannot reach the host's systemd: the host's PID 1 is '" + f.pid1_comm +
+                         "', not systemd, although " + root + "/run/systemd/system exists");
   }
-  // systemd started as /sbin/init may be named "init".
-  if (f.host_pid1_comm != "systemd" && f.host_pid1_comm != "init") {
-    return Status::Error("cannot reach the host's systemd: the host's PID 1 is '" +
-                         f.host_pid1_comm + "', not systemd, although " + root +
-                         "/run/systemd/system exists");
+  if (f.in_host_pid_namespace == std::optional<bool>(false)) {
+    return Status::Error(
+        "cannot reach the host's systemd: this process is not in the host's PID namespace (PID 1 "
+        "here is '" +
+        f.pid1_comm + "'): " + needs_host_pid);
   }
-  if (f.shares_host_mount_namespace) {
-    return Status::Error("--host-root " + root +
-                         " is not /, but this process already runs in the host's mount "
-                         "namespace: use --host-root /");
-  }
-  return Status::Ok();
+  return Status::Error("cannot reach the host's systemd: PID 1 here is '" + f.pid1_comm +
+                       "', not systemd: " + needs_host_pid);
 }
 
 std::unique_ptr<DaemonProbe> MakeCriVersionProbe() { return std::make_unique<CriVersionProbe>(); }
@@ -981,8 +991,8 @@ install: puts this binary (and the libraries of its bundle) in DIR/opt/registry-
 systemd unit in DIR/etc/systemd/system/registry-proxy.service and the config in
 DIR/etc/registry-proxy/config.yaml, then `systemctl daemon-reload` and `enable --now` it and
 waits until the daemon answers CRI Version on its socket. Running it again changes nothing.
-DIR is / on the host itself; from a privileged pod with the host's / mounted at DIR, systemctl
-runs in the host's mount namespace (nsenter --mount=DIR/proc/1/ns/mnt; no hostPID needed).
+DIR is / on the host itself; from a pod (hostPID: true, the host's / mounted at DIR), systemctl
+runs in the host's namespaces through nsenter.
 
   --host-root DIR       where the host's / is
   --config-from FILE    the config to install (validated first; a bad one writes nothing);

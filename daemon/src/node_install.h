@@ -53,22 +53,22 @@ class Systemctl {
 };
 
 // The real one: execs systemctl (argv vector, no shell). With host_root "/" it runs the
-// local systemctl; otherwise the host's / (with its submounts, as a hostPath volume of / has
-// them) is at host_root, so HOST/proc shows the host's processes and HOST/proc/1 is the host's
-// systemd, and it runs `nsenter --mount=HOST/proc/1/ns/mnt -- systemctl` (privileged: entering
-// a mount namespace needs CAP_SYS_ADMIN). No hostPID: the pod's other containers must not share
-// the host's PID namespace. Reachable() checks that (install and uninstall call it after
-// validating their input); its errors name `pod` ("installer", "uninstaller"). Our stdout, stderr
-// and spdlog are flushed before systemctl runs, so a pod's log keeps the order in which things
-// happened.
+// local systemctl; otherwise the process must be in a pod with hostPID (PID 1 is the host's
+// systemd, in another mount namespace) and it runs `nsenter -t 1 -m -u -i -n -p -- systemctl`.
+// Reachable() checks that (install and uninstall call it after validating their input); its
+// errors name `pod` ("installer", "uninstaller"). Our stdout, stderr and spdlog are flushed
+// before systemctl runs, so a pod's log keeps the order in which things happened.
 std::unique_ptr<Systemctl> MakeHostSystemctl(std::string host_root, std::string pod = "installer");
 
 // What Reachable() looks at from inside a pod, and what it concludes (pure, for tests).
 struct HostSystemdFacts {
-  std::string host_root;             // not "/"
-  bool host_runs_systemd;            // HOST_ROOT/run/systemd/system is a directory (sd_booted)
-  std::string host_pid1_comm;        // HOST_ROOT/proc/1/comm; "" when HOST_ROOT/proc shows nothing
-  bool shares_host_mount_namespace;  // /proc/self/ns/mnt is HOST_ROOT/proc/1/ns/mnt
+  std::string host_root;   // not "/"
+  std::string pid1_comm;   // /proc/1/comm as this process sees it
+  bool host_runs_systemd;  // HOST_ROOT/run/systemd/system is a directory (sd_booted)
+  // This process is in the host's PID namespace (/proc/self/ns/pid is HOST_ROOT/proc/1's);
+  // nullopt when that cannot be told (HOST_ROOT/proc not readable).
+  std::optional<bool> in_host_pid_namespace;
+  bool shares_pid1_mount_namespace;  // /proc/self/ns/mnt is /proc/1/ns/mnt
 };
 Status DiagnoseHostSystemd(const HostSystemdFacts& facts, std::string_view pod);
 

@@ -767,9 +767,24 @@ function checkSet(name, items, image, binary) {
 
     // Role-specific requirements (README.md "Install on a cluster", DESIGN.md "Deployment").
     const inits = new Set((spec.initContainers || []).map((c) => c.name));
+    const isNodeTool = (c, sub) =>
+      (!c.command && (c.args || [])[0] === 'node' && (c.args || [])[1] === sub) ||
+      new RegExp(`registry-proxy\\s+node\\s+${sub}`).test(
+        c.command?.includes('-c') ? c.command[c.command.indexOf('-c') + 1] : '',
+      );
     if (spec.hostPID) {
-      fail(w, 'hostPID: every container would share the host PID namespace (node install and ' +
-        "uninstall reach the host's systemd through the host's /proc)");
+      // Pod-wide: only node install/uninstall need it (nsenter -t 1); anything else there must
+      // not be able to signal the host's root processes.
+      for (const c of containersOf(spec)) {
+        if (isNodeTool(c, 'install') || isNodeTool(c, 'uninstall')) continue;
+        const sc = { ...spec.securityContext, ...c.securityContext };
+        if (!sc.runAsNonRoot || !sc.runAsUser) {
+          fail(`${w} container ${c.name}`, 'in a hostPID pod it must run as a non-root uid');
+        }
+        if (!(c.securityContext?.capabilities?.drop || []).includes('ALL')) {
+          fail(`${w} container ${c.name}`, 'in a hostPID pod it must drop ALL capabilities');
+        }
+      }
     }
     for (const c of containersOf(spec)) {
       const args = c.args || [];
@@ -796,6 +811,7 @@ function checkSet(name, items, image, binary) {
         if (c.livenessProbe) fail(cw, 'a liveness probe would restart the pod, not help the daemon');
       }
       if (isInstall || isUninstall) {
+        if (!spec.hostPID) fail(cw, 'needs hostPID (nsenter -t 1 reaches the host systemd)');
         if (!c.securityContext?.privileged) fail(cw, 'must be privileged');
         const hostRoot = isInstall
           ? flagValue(args, '--host-root')
@@ -832,9 +848,8 @@ function checkSet(name, items, image, binary) {
       if (isSync) {
         // The long-running part: unprivileged, and only the two host directories it needs.
         if (inits.has(c.name)) fail(cw, 'node sync-config runs for the pod\'s life, not as an init container');
-        if (!inits.size || ![...(spec.initContainers || [])].some((i) => (i.args || [])[1] === 'install')) {
-          fail(cw, 'node sync-config without a node install init container before it');
-        }
+        if (spec.hostPID) fail(cw, 'node sync-config runs as uid 0: its pod must not have hostPID');
+        if (c.securityContext?.privileged) fail(cw, 'node sync-config must not be privileged');
         const sc = c.securityContext || {};
         if (sc.allowPrivilegeEscalation !== false) fail(cw, 'allowPrivilegeEscalation must be false');
         if (!sc.readOnlyRootFilesystem) fail(cw, 'readOnlyRootFilesystem must be true');
@@ -846,8 +861,8 @@ function checkSet(name, items, image, binary) {
           const v = m && volumes.get(m.name);
           if (v?.hostPath?.path !== dir) {
             fail(cw, `${file} is not in a mount of the host's ${dir} (hostPath)`);
-          } else if (v.hostPath.type) {
-            fail(cw, `hostPath ${dir} must have no type (DirectoryOrCreate would make it before the install owns it)`);
+          } else if (v.hostPath.type !== 'Directory') {
+            fail(cw, `hostPath ${dir} must be of type Directory (else the runtime may create it before the install does)`);
           }
         };
         hostDir(flagValue(args, '--host-config'), '/etc/registry-proxy');

@@ -9,8 +9,9 @@
 #   kubelet.service, idempotence, reload (same PID), restart under a stream of CLI calls,
 #   socket activation, the CLI against a daemon that is starting (issue 12, 5b), SIGKILL ->
 #   restarted, reboot -> ready before kubelet, upgrade and downgrade of the bundle under load,
-#   the installer pod's path (init container: node install --host-root from its own PID and
-#   mount namespaces, no hostPID; sync-config without capabilities), the .deb (install, reinstall, remove, purge: /opt, /etc, /lib/systemd/system
+#   the node's pods as shipped (the installer's init container: node install --host-root from
+#   its own mount namespace, hostPID; config-sync: sync-config without capabilities, no
+#   hostPID), the .deb (install, reinstall, remove, purge: /opt, /etc, /lib/systemd/system
 #   survive, issue 12, 5c).
 #
 # Usage: nspawn_test.sh BINARY BUILD_DIR
@@ -473,25 +474,32 @@ check "uninstall: the socket is gone" ct test ! -e /run/registry-proxy/registry-
 check "uninstall: the root is as before the install (files, modes, hashes)" same_as "$tmp/before.lst"
 
 # ---------------------------------------------------------------------------------------------
-# The installer pod (daemonset/node/installer.yaml): each container in a mount namespace of its
-# own (its filesystem is the node's here: the image would bring the same bundle) and, unless the
-# manifest sets hostPID, a PID namespace of its own (a child of the node's, as a pod's is); the
-# ConfigMap a directory the test changes.
-#  - init container `install`: privileged, the node's / (recursively: its /proc and /run too)
-#    at /mnt/host; systemctl reaches the node's systemd through /mnt/host/proc/1/ns/mnt.
-#  - container `sync-config`: uid 0 without capabilities (empty bounding set, no_new_privs),
-#    only the node's /etc/registry-proxy and /run/registry-proxy mounted; its readiness probe is
-#    `registry-proxy images` on the node's socket.
-log "the installer pod: init container (node install --host-root), sync-config"
+# The node's pods as shipped, each container in a mount namespace of its own (its filesystem is
+# the node's here: the image would bring the same bundle) and, unless its manifest sets hostPID,
+# a PID namespace of its own (a child of the node's, as a pod's is); the ConfigMap a directory
+# the test changes.
+#  - daemonset/node/installer.yaml, init container `install`: privileged, the node's /
+#    (recursively: its /proc and /run too) at /mnt/host; systemctl reaches the node's systemd
+#    through nsenter -t 1 (hence that pod's hostPID).
+#  - daemonset/node/config-sync.yaml, container `sync-config`: no hostPID, uid 0 without
+#    capabilities (empty bounding set, no_new_privs), only the node's /etc/registry-proxy and
+#    /run/registry-proxy mounted; its readiness probe is `registry-proxy images` on the node's
+#    socket.
+log "the node's pods: init container (node install --host-root), sync-config"
 mkdir -p "$tmp/x/podcfg"
 cp "$tmp/x/config.yaml" "$tmp/x/podcfg/config.yaml"
-# hostPID (pod-wide) as the manifest says: the node's PID namespace, else one of its own.
-pidns=(-p --fork)
+# hostPID (pod-wide) as each manifest says: the node's PID namespace, else one of its own.
+pidns_of() {  # MANIFEST
+  if grep -qE '^[[:space:]]*hostPID:[[:space:]]*true' "$src/daemonset/node/$1"; then
+    echo ""
+  else
+    echo "-p --fork"
+  fi
+}
+read -ra pidns <<<"$(pidns_of installer.yaml)"
+read -ra sync_pidns <<<"$(pidns_of config-sync.yaml)"
 hostpid="no hostPID"
-if grep -qE '^[[:space:]]*hostPID:[[:space:]]*true' "$src/daemonset/node/installer.yaml"; then
-  pidns=()
-  hostpid="hostPID"
-fi
+[ ${#pidns[@]} -eq 0 ] && hostpid="hostPID"
 install_ctr() {  # CMD...: as the privileged init container
   nsenter -t "$LEADER" -m -p -- unshare -m "${pidns[@]}" --propagation private -- sh -c \
     'mount -t tmpfs pod /mnt && mkdir /mnt/host && mount --rbind / /mnt/host &&
@@ -509,7 +517,8 @@ check "pod: the installed binary is bundle v1" \
 check "pod: no mount of the init container is left in the node" \
   sh -c "! nsenter -t $LEADER -a grep -q ' /mnt/host' /proc/mounts"
 
-setsid nsenter -t "$LEADER" -m -p -- unshare -m "${pidns[@]}" --propagation private -- sh -c \
+check "config-sync: its pod has no hostPID" test ${#sync_pidns[@]} -gt 0
+setsid nsenter -t "$LEADER" -m -p -- unshare -m "${sync_pidns[@]}" --propagation private -- sh -c \
   'mount -t tmpfs pod /mnt && mkdir /mnt/host-etc /mnt/host-run &&
    mount --bind /etc/registry-proxy /mnt/host-etc && mount --bind /run/registry-proxy /mnt/host-run &&
    mount -t proc proc /proc &&

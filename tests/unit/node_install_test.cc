@@ -547,52 +547,66 @@ TEST_F(NodeInstallTest, UninstallCommandOnAnEmptyHostExitsZero) {
 HostSystemdFacts PodFacts() {
   HostSystemdFacts f;
   f.host_root = "/host";
+  f.pid1_comm = "systemd";
   f.host_runs_systemd = true;
-  f.host_pid1_comm = "systemd";
-  f.shares_host_mount_namespace = false;
+  f.in_host_pid_namespace = true;
+  f.shares_pid1_mount_namespace = false;
   return f;
 }
 
-// From a pod the host's systemd is reached through the host's /proc (no hostPID).
-TEST(DiagnoseHostSystemdTest, TheHostsSystemdSeenThroughItsProcIsReachable) {
+TEST(DiagnoseHostSystemdTest, HostPidOnASystemdHostIsReachable) {
   EXPECT_TRUE(DiagnoseHostSystemd(PodFacts(), "installer").ok());
   HostSystemdFacts f = PodFacts();
-  f.host_pid1_comm = "init";  // systemd started as /sbin/init
+  f.in_host_pid_namespace = std::nullopt;  // HOST_ROOT/proc not visible: trust PID 1's name
   EXPECT_TRUE(DiagnoseHostSystemd(f, "installer").ok());
 }
 
-TEST(DiagnoseHostSystemdTest, AHostWithoutSystemdSaysSo) {
+TEST(DiagnoseHostSystemdTest, AHostWithoutSystemdIsNotBlamedOnHostPid) {
   HostSystemdFacts f = PodFacts();
-  f.host_pid1_comm = "init";  // e.g. OpenRC
+  f.pid1_comm = "init";  // e.g. OpenRC, or a container's init
   f.host_runs_systemd = false;
   Status s = DiagnoseHostSystemd(f, "uninstaller");
   ASSERT_FALSE(s.ok());
   EXPECT_THAT(s.message(), HasSubstr("the host does not run systemd"));
   EXPECT_THAT(s.message(), HasSubstr("/host/run/systemd/system"));
   EXPECT_THAT(s.message(), Not(HasSubstr("hostPID")));
+
+  f.pid1_comm = "tini";
+  EXPECT_THAT(DiagnoseHostSystemd(f, "uninstaller").message(), Not(HasSubstr("hostPID")));
 }
 
-TEST(DiagnoseHostSystemdTest, Pid1OfTheHostIsNotSystemd) {
+TEST(DiagnoseHostSystemdTest, InTheHostPidNamespaceButPid1IsNotSystemd) {
   HostSystemdFacts f = PodFacts();
-  f.host_pid1_comm = "bash";
+  f.pid1_comm = "bash";
   Status s = DiagnoseHostSystemd(f, "uninstaller");
   ASSERT_FALSE(s.ok());
   EXPECT_THAT(s.message(), HasSubstr("the host's PID 1 is 'bash', not systemd"));
+  EXPECT_THAT(s.message(), Not(HasSubstr("hostPID")));
 }
 
-TEST(DiagnoseHostSystemdTest, AHostRootWithoutItsProcNamesThePodAndTheMount) {
+TEST(DiagnoseHostSystemdTest, WithoutHostPidTheMessageSaysSoAndNamesThePod) {
   HostSystemdFacts f = PodFacts();
-  f.host_pid1_comm = "";
+  f.pid1_comm = "pause";
+  f.in_host_pid_namespace = false;
   Status s = DiagnoseHostSystemd(f, "uninstaller");
   ASSERT_FALSE(s.ok());
-  EXPECT_THAT(s.message(), HasSubstr("/host/proc shows no process 1"));
-  EXPECT_THAT(s.message(), HasSubstr("the uninstaller pod must mount the host's / with its"));
-  EXPECT_THAT(s.message(), Not(HasSubstr("hostPID")));
+  EXPECT_THAT(s.message(), HasSubstr("not in the host's PID namespace"));
+  EXPECT_THAT(s.message(), HasSubstr("the uninstaller pod needs hostPID: true"));
+  EXPECT_THAT(s.message(), Not(HasSubstr(" installer pod")));  // "uninstaller pod" only
+  // A pod that runs systemd itself is not the host's either.
+  f.pid1_comm = "systemd";
+  EXPECT_THAT(DiagnoseHostSystemd(f, "installer").message(),
+              HasSubstr("the installer pod needs hostPID: true"));
+  // Unknown namespace: still the likely cause, said as such.
+  f.pid1_comm = "pause";
+  f.in_host_pid_namespace = std::nullopt;
+  EXPECT_THAT(DiagnoseHostSystemd(f, "installer").message(),
+              HasSubstr("PID 1 here is 'pause', not systemd: the installer pod needs hostPID"));
 }
 
 TEST(DiagnoseHostSystemdTest, HostRootNotSlashInTheHostMountNamespace) {
   HostSystemdFacts f = PodFacts();
-  f.shares_host_mount_namespace = true;
+  f.shares_pid1_mount_namespace = true;
   EXPECT_THAT(DiagnoseHostSystemd(f, "installer").message(), HasSubstr("use --host-root /"));
 }
 
