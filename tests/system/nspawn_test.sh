@@ -73,8 +73,7 @@ done
 # ---------------------------------------------------------------------------------------------
 # The cached root: Debian 12 with systemd, dbus, containerd and runc. The key names what is in
 # it; a new list makes a new tarball (and the old ones go). procps: a Debian node has it
-# (priority important; minbase has only the required ones), and the unit's ExecReload runs its
-# /bin/kill.
+# (priority important; minbase has only the required ones).
 PKGS=systemd,systemd-sysv,dbus,ca-certificates,iproute2,procps,containerd,runc
 SUITE=bookworm
 MIRROR=${RP_DEBIAN_MIRROR:-http://deb.debian.org/debian}

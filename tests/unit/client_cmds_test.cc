@@ -363,7 +363,7 @@ TEST_F(ClientCmdsTest, UsageErrorsExit2) {
 }
 
 TEST_F(ClientCmdsTest, UnreachableEndpointIsUnavailable) {
-  Out r = Cli({"images", "--endpoint", dir_ + "/nothing.sock", "--timeout", "5s"}, false);
+  Out r = Cli({"images", "--endpoint", dir_ + "/nothing.sock", "--timeout", "1s"}, false);
   EXPECT_EQ(r.code, 1);
   EXPECT_THAT(r.err, HasSubstr("images: UNAVAILABLE"));
 }
