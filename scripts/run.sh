@@ -48,7 +48,7 @@ fi
 # --- No containerd here: the demo ------------------------------------------------------------
 rp_install_deps demo  # containerd, docker-registry, umoci, skopeo, busybox-static, ...
 # Only the daemon and the testbed, not the tests and benchmarks (scripts/test.sh builds those).
-RP_BUILD_ESTIMATE="first time: about 5-10 min on 2 cores" \
+RP_BUILD_ESTIMATE="first time: about 4-8 min on 2 cores" \
   rp_build "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -- registry-proxy rp-testbed
 testbed="$BUILD/tests/integration/rp-testbed"
 work=$(mktemp -d /tmp/registry-proxy-demo.XXXXXX)
