@@ -159,6 +159,13 @@ AdmissionOutcome AdmitParsed(const json& review, const Config& config) {
   bool rewritten = false;
   bool skipped = false;
   const json* spec = Member(*object, "spec");
+  // kubelet sends a pull the pod's pull secrets (the ServiceAccount's are in spec by now) that
+  // match the image's registry; which ones match needs the Secrets, which we do not read: a
+  // pod with any is taken as pulling with credentials (it matters for credentialedPulls:
+  // upstream only).
+  if (const json* secrets = spec ? Member(*spec, "imagePullSecrets") : nullptr) {
+    ctx.with_credentials = secrets->is_array() && !secrets->empty();
+  }
   for (const char* field : kContainerFields) {
     const json* list = spec ? Member(*spec, field) : nullptr;
     if (!list || list->is_null()) continue;

@@ -99,7 +99,8 @@ void PrintDecision(std::ostream& out, std::string_view image, const std::optiona
 // Subcommands
 
 constexpr char kResolveHelp[] =
-    R"(Usage: registry-proxy resolve IMAGE... [--namespace NS] [--config FILE] [--json]
+    R"(Usage: registry-proxy resolve IMAGE... [--namespace NS] [--with-credentials] [--config FILE]
+                                [--json]
 
 Explains where the node will pull IMAGE from: the decision of the same rule engine the node
 daemon and the webhook use, with its reason and the ordered candidates (mirrors, then
@@ -107,16 +108,23 @@ upstream if fallback is on).
 
   -n, --namespace NS  the pod's namespace; without it, the config's pullsWithoutNamespace
                       policy applies (as for crictl, kubeadm and static pods)
+      --with-credentials  decide for a pull that carries credentials (a pull secret or a
+                      credential provider's, for the original registry): with
+                      credentialedPulls: upstream it is not rewritten; with mirror (the
+                      default) the mirrors get it without them, upstream with them
   -c, --config FILE   the config file (default: /etc/registry-proxy/config.yaml if it exists,
                       else the built-in default, config/config.yaml)
       --json          one JSON object per image (a JSON array when several images)
 )";
 
 int Resolve(const std::vector<std::string>& argv, std::ostream& out, std::ostream& err) {
-  auto args = ParseArgs(
-      argv,
-      {{"--namespace", "-n"}, {"--config", "-c"}, {"--json", "", false}, {"--help", "-h", false}},
-      err);
+  auto args = ParseArgs(argv,
+                        {{"--namespace", "-n"},
+                         {"--config", "-c"},
+                         {"--with-credentials", "", false},
+                         {"--json", "", false},
+                         {"--help", "-h", false}},
+                        err);
   if (!args) return err << kResolveHelp, 2;
   if (args->Has("--help")) return out << kResolveHelp, 0;
   if (args->positional.empty()) return err << "resolve: no image given\n" << kResolveHelp, 2;
@@ -126,6 +134,7 @@ int Resolve(const std::vector<std::string>& argv, std::ostream& out, std::ostrea
   std::optional<std::string> ns = args->Get("--namespace");
   PullContext ctx;
   if (ns) ctx.namespace_name = *ns;
+  ctx.with_credentials = args->Has("--with-credentials");
   const bool json = args->Has("--json");
   nlohmann::json all = nlohmann::json::array();
   for (size_t i = 0; i < args->positional.size(); ++i) {

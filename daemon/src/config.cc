@@ -584,17 +584,12 @@ std::string Index(const std::string& field, size_t i) {
   return field + "[" + std::to_string(i) + "]";
 }
 
-const std::vector<std::string_view> kTopKeys = {"enabled",
-                                                "proxies",
-                                                "excludeNamespaces",
-                                                "includeNamespaces",
-                                                "podSelector",
-                                                "namespaceSelector",
-                                                "rules",
-                                                "pullsWithoutNamespace",
-                                                "node"};
+const std::vector<std::string_view> kTopKeys = {
+    "enabled",           "proxies", "excludeNamespaces",     "includeNamespaces", "podSelector",
+    "namespaceSelector", "rules",   "pullsWithoutNamespace", "credentialedPulls", "node"};
 const std::vector<std::string_view> kRuleKeys = {
-    "match", "mirrors", "includeNamespaces", "excludeNamespaces", "fallback", "digestOnly"};
+    "match",    "mirrors",    "includeNamespaces", "excludeNamespaces",
+    "fallback", "digestOnly", "credentialedPulls"};
 const std::vector<std::string_view> kMirrorKeys = {"host", "dropLibrary", "credentials"};
 const std::vector<std::string_view> kNoNamespaceKeys = {"policy", "namespace"};
 const std::vector<std::string_view> kNodeKeys = {
@@ -647,6 +642,7 @@ Result<std::chrono::milliseconds> ParseDuration(std::string_view s) {
 }
 const std::vector<std::string_view> kNoNamespacePolicies = {"rewrite", "passthrough",
                                                             "asNamespace"};
+const std::vector<std::string_view> kCredentialedPulls = {"mirror", "upstream"};
 
 class Loader {
  public:
@@ -704,6 +700,7 @@ class Loader {
   void PodSelector(const Item& it, std::map<std::string, std::string>& out);
   void NamespaceSelector(const Item& it);
   void PullsWithoutNamespace(const Item& it, PolicyOptions& options);
+  std::optional<CredentialedPulls> CredentialedPullsValue(const Item& it);
   void NodeSection(const Item& it, NodeSettings& node, Pos& listen_pos, Pos& upstream_pos);
 
   std::string Origin(std::string_view what, Pos pos) const {
@@ -1123,6 +1120,9 @@ std::optional<Rule> Loader::OneRule(const Item& it, size_t index) {
       auto b = Bool(e.value);
       ok = ok && b;
       rule.digest_only = b.value_or(false);
+    } else if (e.key == "credentialedPulls") {
+      rule.credentialed_pulls = CredentialedPullsValue(e.value);
+      ok = ok && rule.credentialed_pulls;
     }
   }
   if (!has_match) Missing(it, "match");
@@ -1167,6 +1167,20 @@ void Loader::NamespaceSelector(const Item& it) {
         "must be empty: namespace labels reach neither the node nor the "
         "webhook's view of a pod, so it cannot be honoured; select namespaces by name with "
         "includeNamespaces/excludeNamespaces instead");
+}
+
+// "mirror" or "upstream".
+std::optional<CredentialedPulls> Loader::CredentialedPullsValue(const Item& it) {
+  auto v = String(it);
+  if (!v) return std::nullopt;
+  if (*v == "mirror") return CredentialedPulls::kMirror;
+  if (*v == "upstream") return CredentialedPulls::kUpstream;
+  std::string msg = "credentialedPulls " + Quote(*v) + " is not one of mirror, upstream";
+  if (std::string_view s = Suggest(*v, kCredentialedPulls); !s.empty()) {
+    msg += StrCat({"; did you mean '", s, "'?"});
+  }
+  Error(it.pos, it.field, std::move(msg));
+  return std::nullopt;
 }
 
 void Loader::PullsWithoutNamespace(const Item& it, PolicyOptions& options) {
@@ -1326,6 +1340,8 @@ ConfigLoad Loader::Run(std::string_view yaml) {
         Rules(v, explicit_rules);
       } else if (e.key == "pullsWithoutNamespace") {
         PullsWithoutNamespace(v, options);
+      } else if (e.key == "credentialedPulls") {
+        if (auto c = CredentialedPullsValue(v)) options.credentialed_pulls = *c;
       } else if (e.key == "node") {
         NodeSection(v, node, listen_pos, upstream_pos);
       }

@@ -230,6 +230,8 @@ std::string_view ReasonName(DecisionReason r) {
       return "pod_selector";
     case DecisionReason::kNoNamespace:
       return "no_namespace";
+    case DecisionReason::kCredentials:
+      return "credentials";
     case DecisionReason::kDigestOnly:
       return "digest_only";
   }
@@ -341,6 +343,15 @@ Decision Policy::Decide(std::string_view image, const PullContext& ctx) const {
   if (rule->digest_only && ref.digest.empty()) {
     return unchanged(DecisionReason::kDigestOnly,
                      StrCat({rule->origin, " is digestOnly and the reference has no digest"}),
+                     rule);
+  }
+
+  if (ctx.with_credentials && rule->credentialed_pulls.value_or(options_.credentialed_pulls) ==
+                                  CredentialedPulls::kUpstream) {
+    return unchanged(DecisionReason::kCredentials,
+                     StrCat({"the pull carries credentials for ", ref.domain,
+                             " and credentialedPulls is upstream",
+                             rule->credentialed_pulls ? StrCat({" (", rule->origin, ")"}) : ""}),
                      rule);
   }
 

@@ -66,6 +66,13 @@ struct Mirror {
   std::string_view MirrorPath(const Reference& original) const;
 };
 
+// What a pull that carries credentials (kubelet's, chosen for the original registry: a pull
+// secret, a credential provider) does where a rule would rewrite it.
+enum class CredentialedPulls {
+  kMirror,    // the mirrors first, without the caller's credentials; then upstream with them
+  kUpstream,  // straight to the original registry, with them, as if no rule matched
+};
+
 struct Rule {
   // Normalised repository prefix, matched on whole path components:
   // "docker.io", "docker.io/bitnami", "registry.k8s.io/ingress-nginx".
@@ -74,6 +81,8 @@ struct Rule {
   NamespaceFilter namespaces;  // per rule; empty include = every namespace
   bool fallback = true;        // try the original reference after every mirror failed
   bool digest_only = false;    // only rewrite references pinned by digest
+  // Overrides PolicyOptions::credentialed_pulls for this rule's pulls.
+  std::optional<CredentialedPulls> credentialed_pulls;
   // Where it came from, for reasons and `resolve`: "rules[2] (config.yaml:14)".
   std::string origin;
 };
@@ -94,6 +103,8 @@ struct PullContext {
   // accepted the pull. For questions about the node's shared image store, which no single
   // namespace owns (e.g. "could a mirror-named copy of this image exist?").
   bool any_namespace = false;
+  // The pull carries credentials for the original registry (PullImageRequest.auth).
+  bool with_credentials = false;
 };
 
 enum class DecisionReason {
@@ -108,6 +119,7 @@ enum class DecisionReason {
   kPodSelector,           // podSelector did not match the pod's labels
   kNoNamespace,           // no pod namespace and the policy is passthrough
   kDigestOnly,            // the matching rule is digestOnly and the reference has no digest
+  kCredentials,           // the pull carries credentials and credentialedPulls is upstream
 };
 
 std::string_view ReasonName(DecisionReason r);  // stable snake_case, for JSON and metrics
@@ -139,6 +151,7 @@ struct PolicyOptions {
   std::map<std::string, std::string> pod_selector;  // all pairs must be in the pod's labels
   NoNamespacePolicy no_namespace = NoNamespacePolicy::kRewrite;
   std::string no_namespace_as;  // with kAsNamespace
+  CredentialedPulls credentialed_pulls = CredentialedPulls::kMirror;
 };
 
 class Policy {

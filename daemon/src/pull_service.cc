@@ -218,17 +218,16 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
     ctx.pod_labels = &labels;
     if (!sc.metadata().namespace_().empty()) ns = sc.metadata().namespace_();
   }
-  const Decision d = config->policy->Decide(image, ctx);
+  // kubelet chose any credentials for the original registry; a mirror is a third party: with
+  // credentialedPulls mirror the mirrors are asked without them (or with their own), and only
+  // the upstream candidate, the caller's own bytes, carries them.
   const bool auth = HasAuth(req);
+  ctx.with_credentials = auth;
+  const Decision d = config->policy->Decide(image, ctx);
   if (!d.rewritten()) {
     return forward(image, ns,
                    "not rewritten (" + std::string(ReasonName(d.reason)) + ": " + d.detail + ")",
                    auth);
-  }
-  // kubelet chose these credentials for the original registry; a mirror is a third party.
-  if (auth) {
-    return forward(image, ns, "credentials for " + d.original->domain + "; not sent to a mirror",
-                   true);
   }
 
   const PullLog log{LogSafe(image), LogSafe(ns), d.rule ? d.rule->origin : "-"};
@@ -296,11 +295,11 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
     };
 
     if (c.upstream) {
-      // The upstream candidate is the caller's image unchanged (and the request carries no
-      // credentials, or it would not have been rewritten): forward the caller's bytes.
+      // The upstream candidate is the caller's image unchanged, with the caller's credentials
+      // if any: forward the caller's bytes.
       InterceptResult r;
       r.status = cri_->PullImageRaw(v, request, aopts, &r.response);
-      log_attempt(r.status, false);
+      log_attempt(r.status, auth);
       count_attempt(r.status);
       if (r.status.ok()) {
         tally->outcome = PullOutcome::kFallback;  // every mirror failed or was skipped

@@ -90,6 +90,7 @@ void FaultServer::Serve(int fd) {
     const std::string head = buf.substr(0, end);
     buf.erase(0, end + 4);  // pulls send no bodies
     Request req;
+    req.head = head;
     const size_t sp1 = head.find(' ');
     const size_t sp2 = head.find(' ', sp1 + 1);
     req.method = head.substr(0, sp1);
@@ -119,6 +120,12 @@ void FaultServer::Serve(int fd) {
         break;
       case Behavior::k500:
         answer = "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n";
+        break;
+      case Behavior::kUnauthorized:
+        answer =
+            "HTTP/1.1 401 Unauthorized\r\nDocker-Distribution-API-Version: registry/2.0\r\n"
+            "WWW-Authenticate: Basic realm=\"registry-proxy-test\"\r\n"
+            "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
         break;
       case Behavior::kReset: {
         linger l{1, 0};

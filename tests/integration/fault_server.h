@@ -5,6 +5,7 @@
 //   k500    500 Internal Server Error
 //   kReset  the connection is reset (RST) right after the request was read
 //   kStall  nothing is answered until `stall` passes (or the server stops); then it closes
+//   kUnauthorized  401 with a Basic challenge: a client that has credentials sends them next
 // Every request is logged (method, path, User-Agent) before it is answered. Connections are
 // kept alive as clients expect. All threads are joined in the destructor.
 #pragma once
@@ -24,9 +25,10 @@ namespace rp_testbed {
 
 class FaultServer {
  public:
-  enum class Behavior { kOk, k500, kReset, kStall };
+  enum class Behavior { kOk, k500, kReset, kStall, kUnauthorized };
   struct Request {
     std::string method, path, user_agent;
+    std::string head;  // the request line and headers as they came
   };
 
   FaultServer(Behavior api_root, Behavior other,

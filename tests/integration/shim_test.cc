@@ -14,7 +14,9 @@
 
 #include "config.h"
 #include "cri_client.h"
+#include "fault_server.h"
 #include "shim_fixture.h"
+#include "string_util.h"
 #include "testbed.h"
 
 namespace rp_testbed {
@@ -22,6 +24,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using registry_proxy::CriClient;
+using rp_testbed::FaultServer;
 using ::testing::Contains;
 using ::testing::HasSubstr;
 using ::testing::Not;
@@ -178,13 +181,43 @@ TEST_F(ShimTest, EverythingDeadReturnsUpstreamErrorUnchanged) {
   EXPECT_THAT(DaemonLog(), HasSubstr(Dead()));  // the mirror was tried first
 }
 
-TEST_F(ShimTest, CredentialsAreNeverSentToAMirror) {
+// credentialedPulls: mirror (the default): a pull with kubelet's credentials is served by the
+// mirror, anonymously.
+TEST_F(ShimTest, CredentialedPullsAreMirrored) {
   std::string repo = Repo({bed->upstream, bed->mirror1});
   StartDaemon(MirrorConfig({bed->mirror1->host()}));
   ASSERT_TRUE(Pull(repo, "default", nullptr, /*with_auth=*/true).ok()) << DaemonLog();
-  EXPECT_EQ(bed->mirror1->Requests().size(), 0u);
-  EXPECT_GE(bed->upstream->ManifestRequests(repo), 1u);
+  EXPECT_GE(bed->mirror1->ManifestRequests(repo), 1u);
+  EXPECT_EQ(bed->upstream->ManifestRequests(repo), 0u);
   EXPECT_THAT(DaemonLog(), Not(HasSubstr("s3cret-planted")));
+}
+
+// On the wire: a mirror that demands credentials (401 with a Basic challenge, to which
+// containerd answers with any it has) gets none of the caller's; the pull then goes upstream
+// with them. The planted secret appears in no byte the mirror received, plain or base64.
+TEST_F(ShimTest, TheCallersCredentialsNeverReachAMirrorOnTheWire) {
+  std::string repo = Repo({bed->upstream});
+  FaultServer challenging(FaultServer::Behavior::kOk, FaultServer::Behavior::kUnauthorized);
+  ASSERT_TRUE(challenging.Start().ok());
+  StartDaemon(MirrorConfig({challenging.host()}));
+  runtime::v1::PullImageResponse resp;
+  ASSERT_TRUE(Pull(repo, "default", &resp, /*with_auth=*/true).ok()) << DaemonLog();
+  EXPECT_GE(bed->upstream->ManifestRequests(repo), 1u) << "served upstream, with them";
+  ASSERT_GE(challenging.PullRequests(), 1u) << "the mirror was asked (and challenged)";
+  const std::string basic = registry_proxy::Base64Encode("alice:s3cret-planted");
+  for (const auto& r : challenging.Requests()) {
+    EXPECT_THAT(r.head, Not(HasSubstr("s3cret-planted"))) << r.head;
+    EXPECT_THAT(r.head, Not(HasSubstr(basic))) << r.head;
+    EXPECT_THAT(r.head, Not(HasSubstr("alice"))) << r.head;
+  }
+  EXPECT_THAT(DaemonLog(), Not(HasSubstr("s3cret-planted")));
+  // The same challenge, with the credentials upstream only: credentialedPulls upstream sends
+  // such a pull nowhere else.
+  StopDaemon();
+  const size_t asked = challenging.PullRequests();
+  StartDaemon(MirrorConfig({challenging.host()}, "credentialedPulls: upstream\n"));
+  ASSERT_TRUE(Pull(repo, "default", nullptr, /*with_auth=*/true).ok()) << DaemonLog();
+  EXPECT_EQ(challenging.PullRequests(), asked);
 }
 
 TEST_F(ShimTest, RemoveByIdRemovesEveryName) {

@@ -137,6 +137,22 @@ TEST(Admission, PodWithoutAnnotationsGetsTheWholeMap) {
   EXPECT_EQ(a.outcome.pod, "shop/web-7d4b9c8f6d-*");
 }
 
+// What the node does with a pull that carries credentials is what the annotation says: the
+// mirrors (credentialedPulls: mirror, the default) or upstream (credentialedPulls: upstream),
+// for a pod with pull secrets.
+TEST(Admission, PodWithPullSecretsIsAnnotatedAsCredentialedPullsSays) {
+  json req = Review("pod_create_no_annotations.json");
+  req["request"]["object"]["spec"]["imagePullSecrets"] = json::parse(R"([{"name": "hub"}])");
+  json mirrored = ImagesOf(Patched(req, Answer(req)));
+  EXPECT_EQ(mirrored["web"], "docker.ketches.cn/library/nginx:1.25");
+  auto upstream = Cfg("credentialedPulls: upstream\nproxies:\n  docker.io: hub.example\n");
+  Answered a = Answer(req, *upstream);
+  EXPECT_FALSE(a.outcome.patched) << "nothing rewritten, nothing to annotate";
+  req["request"]["object"]["spec"].erase("imagePullSecrets");
+  json without = ImagesOf(Patched(req, Answer(req, *upstream)));
+  EXPECT_EQ(without["web"], "hub.example/library/nginx:1.25");
+}
+
 TEST(Admission, PodWithAnnotationsKeepsThemAndDigestsSurvive) {
   json req = Review("pod_create_with_annotations.json");
   Answered a = Answer(req);

@@ -109,6 +109,39 @@ class TempDir {
 // ---------------------------------------------------------------------------------------------
 // The shipped default
 
+TEST(CredentialedPullsConfig, TopLevelAndPerRule) {
+  ConfigLoad load = Parse(R"(credentialedPulls: upstream
+rules:
+  - match: docker.io
+    mirrors: [hub.example]
+    credentialedPulls: mirror
+  - match: quay.io
+    mirrors: [q.example]
+)");
+  ASSERT_TRUE(load.ok()) << Dump(load);
+  PullContext with;
+  with.namespace_name = "x";
+  with.with_credentials = true;
+  EXPECT_TRUE(load.config->policy->Decide("nginx", with).rewritten());
+  EXPECT_EQ(load.config->policy->Decide("quay.io/a/b", with).reason, DecisionReason::kCredentials);
+  // The default is mirror.
+  ConfigLoad plain = Parse("proxies:\n  docker.io: hub.example\n");
+  ASSERT_TRUE(plain.ok());
+  EXPECT_TRUE(plain.config->policy->Decide("nginx", with).rewritten());
+}
+
+TEST(CredentialedPullsConfig, BadValuesSayWhereAndWhat) {
+  EXPECT_TRUE(OnlyError(Parse("credentialedPulls: upstrem\n"), 1, 20, "credentialedPulls",
+                        "credentialedPulls 'upstrem' is not one of mirror, upstream; did you mean "
+                        "'upstream'?"));
+  EXPECT_TRUE(OnlyError(Parse(R"(rules:
+  - match: docker.io
+    mirrors: [hub.example]
+    credentialedPulls: true
+)"),
+                        4, 24, "rules[0].credentialedPulls", "not one of mirror, upstream"));
+}
+
 TEST(BuiltinConfig, LoadsCleanly) {
   ConfigLoad load = ParseConfig(BuiltinConfigYaml(), "<builtin>");
   ASSERT_TRUE(load.ok()) << load.ErrorText();

@@ -283,6 +283,36 @@ TEST(PolicyTest, DigestOnly) {
   EXPECT_EQ(dig.candidates[0].image, std::string("hub.example/library/nginx@") + kDigest);
 }
 
+// credentialedPulls: a pull with credentials is mirrored (the default) or left to upstream,
+// by the top-level setting or the rule's own.
+TEST(PolicyTest, CredentialedPulls) {
+  PullContext with = Ns("x");
+  with.with_credentials = true;
+  auto mirror = Make({R("docker.io", {M("hub.example")})});
+  EXPECT_TRUE(mirror->Decide("nginx", with).rewritten());
+  PolicyOptions o;
+  o.credentialed_pulls = CredentialedPulls::kUpstream;
+  auto upstream = Make({R("docker.io", {M("hub.example")})}, o);
+  Decision d = upstream->Decide("nginx", with);
+  EXPECT_EQ(d.reason, DecisionReason::kCredentials);
+  EXPECT_EQ(ReasonName(d.reason), "credentials");
+  EXPECT_THAT(Images(d), ElementsAre("nginx"));
+  EXPECT_THAT(d.detail, HasSubstr("carries credentials for docker.io"));
+  EXPECT_TRUE(upstream->Decide("nginx", Ns("x")).rewritten()) << "no credentials: mirrored";
+  // A rule's own setting wins, either way.
+  Rule up = R("quay.io", {M("q.example")}, "rules[0] (c.yaml:3)");
+  up.credentialed_pulls = CredentialedPulls::kUpstream;
+  Rule mir = R("ghcr.io", {M("g.example")});
+  mir.credentialed_pulls = CredentialedPulls::kMirror;
+  auto mixed = Make({up, mir}, o);
+  Decision q = mixed->Decide("quay.io/a/b", with);
+  EXPECT_EQ(q.reason, DecisionReason::kCredentials);
+  EXPECT_THAT(q.detail, HasSubstr("(rules[0] (c.yaml:3))"));
+  EXPECT_TRUE(mixed->Decide("ghcr.io/a/b", with).rewritten());
+  auto mixed_default = Make({up, mir});
+  EXPECT_EQ(mixed_default->Decide("quay.io/a/b", with).reason, DecisionReason::kCredentials);
+}
+
 TEST(PolicyTest, PathPrefixAndLibraryHandling) {
   auto keep = Make({R("docker.io", {M("harbor.corp/proxy")})});
   EXPECT_EQ(keep->Decide("nginx", Ns("x")).candidates[0].image,

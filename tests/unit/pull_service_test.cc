@@ -559,8 +559,50 @@ TEST_F(PullServiceTest, NoSandboxConfigFollowsThePolicy) {
   EXPECT_TRUE(fake_.pulls().back().raw);
 }
 
-TEST_F(PullServiceTest, RequestCredentialsAreNeverSentToAMirror) {
+// credentialedPulls: mirror (the default, the earlier tool's behaviour): a pull with kubelet's
+// credentials is mirrored, without them; only upstream gets them, as the caller's own bytes.
+TEST_F(PullServiceTest, CredentialedPullsAreMirroredWithoutTheCallersCredentials) {
   LogCapture log;
+  fake_.Fail("m1.example/library/nginx:latest",
+             grpc::Status(grpc::StatusCode::NOT_FOUND, "m1: not found"));
+  fake_.Serve("m2.example/library/nginx:latest", kDigest, kId);
+  runtime::v1::PullImageRequest req = Request("nginx", "default");
+  req.mutable_auth()->set_username("kubelet-user");
+  req.mutable_auth()->set_password("KUBELET-SECRET");
+  InterceptResult r = Service().PullImage(CriVersion::kV1, req.SerializeAsString(), {});
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  ASSERT_EQ(fake_.pulled_images(), (std::vector<std::string>{"m1.example/library/nginx:latest",
+                                                             "m2.example/library/nginx:latest"}));
+  for (const auto& p : fake_.pulls()) {
+    EXPECT_FALSE(p.raw);
+    EXPECT_FALSE(p.parsed.has_auth());
+    EXPECT_EQ(p.bytes.find("KUBELET-SECRET"), std::string::npos);
+    EXPECT_EQ(p.bytes.find("kubelet-user"), std::string::npos);
+  }
+  const std::string text = log.text();
+  EXPECT_EQ(text.find("KUBELET-SECRET"), std::string::npos) << text;
+  EXPECT_EQ(text.find("kubelet-user"), std::string::npos) << text;
+}
+
+TEST_F(PullServiceTest, CredentialedPullsGoUpstreamWithTheCallersBytesLast) {
+  fake_.Fail("m1.example/library/nginx:latest", grpc::Status(grpc::StatusCode::UNKNOWN, "down"));
+  fake_.Fail("m2.example/library/nginx:latest", grpc::Status(grpc::StatusCode::UNKNOWN, "down"));
+  fake_.Serve("docker.io/library/nginx:latest", kDigest, kId);
+  runtime::v1::PullImageRequest req = Request("nginx", "default");
+  req.mutable_auth()->set_username("kubelet-user");
+  req.mutable_auth()->set_password("KUBELET-SECRET");
+  const std::string bytes = req.SerializeAsString();
+  InterceptResult r = Service().PullImage(CriVersion::kV1, bytes, {});
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  ASSERT_EQ(fake_.pulls().size(), 3u);
+  EXPECT_TRUE(fake_.pulls()[2].raw);
+  EXPECT_EQ(fake_.pulls()[2].bytes, bytes);  // the original registry gets the credentials
+}
+
+// credentialedPulls: upstream (top level or per rule): such a pull is not rewritten at all.
+TEST_F(PullServiceTest, CredentialedPullsUpstreamForwardsTheRequestUntouched) {
+  LogCapture log;
+  SetConfig(std::string(kConfig) + "credentialedPulls: upstream\n");
   fake_.Serve("docker.io/library/nginx:latest", kDigest, kId);
   fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
   runtime::v1::PullImageRequest req = Request("nginx", "default");
@@ -571,16 +613,23 @@ TEST_F(PullServiceTest, RequestCredentialsAreNeverSentToAMirror) {
   ASSERT_TRUE(r.status.ok());
   ASSERT_EQ(fake_.pulls().size(), 1u);
   EXPECT_TRUE(fake_.pulls()[0].raw);
-  EXPECT_EQ(fake_.pulls()[0].bytes, bytes);  // credentials untouched, to the original registry
+  EXPECT_EQ(fake_.pulls()[0].bytes, bytes);
   const std::string text = log.text();
-  EXPECT_NE(text.find("credentials for docker.io; not sent to a mirror"), std::string::npos)
+  EXPECT_NE(text.find("not rewritten (credentials: the pull carries credentials for docker.io "
+                      "and credentialedPulls is upstream)"),
+            std::string::npos)
       << text;
   EXPECT_NE(text.find("auth=yes"), std::string::npos) << text;
   EXPECT_EQ(text.find("KUBELET-SECRET"), std::string::npos) << text;
-  EXPECT_EQ(text.find("kubelet-user"), std::string::npos) << text;
+  // The same pull without credentials is mirrored.
+  Pull(Request("nginx", "default"));
+  EXPECT_EQ(fake_.pulls().back().parsed.image().image(), "m1.example/library/nginx:latest");
 }
 
 TEST_F(PullServiceTest, AnyAuthFieldCounts) {
+  SetConfig(std::string(kConfig) + "credentialedPulls: upstream\n");
+  fake_.Serve("docker.io/library/nginx:latest", kDigest, kId);
+  fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
   for (int field = 0; field < 6; ++field) {
     runtime::v1::PullImageRequest req = Request("nginx", "default");
     auto* a = req.mutable_auth();
