@@ -1227,20 +1227,20 @@ void H2Relay::Shutdown(std::chrono::milliseconds grace) {
     Wake();
     // Drain: wait for the calls in flight, not for idle connections.
     auto deadline = std::chrono::steady_clock::now() + grace;
-    while (active_calls_.load() > 0 && std::chrono::steady_clock::now() < deadline) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
+    auto drain = [&](std::chrono::steady_clock::time_point until) {
+      while (active_calls_.load() > 0 && std::chrono::steady_clock::now() < until) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      }
+    };
+    drain(deadline);
+    // Calls arriving from now on are answered UNAVAILABLE at once. One that started between the
+    // wait above and this line is still relayed: it gets the rest of the grace (and the refused
+    // answers at least 100 ms to leave) before anything is cancelled.
+    refusing_ = true;
+    drain(std::max(deadline, std::chrono::steady_clock::now() + std::chrono::milliseconds(100)));
     if (active_calls_.load() > 0) {
       spdlog::warn("{} call(s) still in flight after {} ms; cancelling them", active_calls_.load(),
                    grace.count());
-    }
-    // Calls arriving from now on are answered UNAVAILABLE at once; give those answers a moment
-    // to leave.
-    const int stuck = active_calls_.load();
-    refusing_ = true;
-    const auto settle = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
-    while (active_calls_.load() > stuck && std::chrono::steady_clock::now() < settle) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
     // Cancel what is left (which cancels their pulls, so workers end promptly).
     cancel_all_ = true;
