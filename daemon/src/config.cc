@@ -584,12 +584,20 @@ std::string Index(const std::string& field, size_t i) {
   return field + "[" + std::to_string(i) + "]";
 }
 
-const std::vector<std::string_view> kTopKeys = {
-    "enabled",           "proxies", "excludeNamespaces",     "includeNamespaces", "podSelector",
-    "namespaceSelector", "rules",   "pullsWithoutNamespace", "credentialedPulls", "node"};
+const std::vector<std::string_view> kTopKeys = {"enabled",
+                                                "proxies",
+                                                "excludeNamespaces",
+                                                "includeNamespaces",
+                                                "podSelector",
+                                                "namespaceSelector",
+                                                "rules",
+                                                "pullsWithoutNamespace",
+                                                "credentialedPulls",
+                                                "staleIfError",
+                                                "node"};
 const std::vector<std::string_view> kRuleKeys = {
     "match",    "mirrors",    "includeNamespaces", "excludeNamespaces",
-    "fallback", "digestOnly", "credentialedPulls"};
+    "fallback", "digestOnly", "credentialedPulls", "staleIfError"};
 const std::vector<std::string_view> kMirrorKeys = {"host", "dropLibrary", "credentials"};
 const std::vector<std::string_view> kNoNamespaceKeys = {"policy", "namespace"};
 const std::vector<std::string_view> kNodeKeys = {
@@ -1123,6 +1131,9 @@ std::optional<Rule> Loader::OneRule(const Item& it, size_t index) {
     } else if (e.key == "credentialedPulls") {
       rule.credentialed_pulls = CredentialedPullsValue(e.value);
       ok = ok && rule.credentialed_pulls;
+    } else if (e.key == "staleIfError") {
+      rule.stale_if_error = Bool(e.value);
+      ok = ok && rule.stale_if_error;
     }
   }
   if (!has_match) Missing(it, "match");
@@ -1342,6 +1353,8 @@ ConfigLoad Loader::Run(std::string_view yaml) {
         PullsWithoutNamespace(v, options);
       } else if (e.key == "credentialedPulls") {
         if (auto c = CredentialedPullsValue(v)) options.credentialed_pulls = *c;
+      } else if (e.key == "staleIfError") {
+        if (auto b = Bool(v)) options.stale_if_error = *b;
       } else if (e.key == "node") {
         NodeSection(v, node, listen_pos, upstream_pos);
       }

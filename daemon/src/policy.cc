@@ -358,6 +358,7 @@ Decision Policy::Decide(std::string_view image, const PullContext& ctx) const {
   Decision d;
   d.reason = DecisionReason::kRewritten;
   d.rule = rule;
+  d.stale_if_error = rule->stale_if_error.value_or(options_.stale_if_error);
   d.original = ref;
   d.candidates.reserve(rule->mirrors.size() + 1);
   size_t skipped = 0;

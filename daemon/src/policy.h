@@ -83,6 +83,8 @@ struct Rule {
   bool digest_only = false;    // only rewrite references pinned by digest
   // Overrides PolicyOptions::credentialed_pulls for this rule's pulls.
   std::optional<CredentialedPulls> credentialed_pulls;
+  // Overrides PolicyOptions::stale_if_error for this rule's pulls.
+  std::optional<bool> stale_if_error;
   // Where it came from, for reasons and `resolve`: "rules[2] (config.yaml:14)".
   std::string origin;
 };
@@ -141,6 +143,8 @@ struct Decision {
   std::string detail;          // one human sentence: why
   // Normalised original (set when the input parsed as a name).
   std::optional<Reference> original;
+  // staleIfError in force for this pull (rewritten decisions only).
+  bool stale_if_error = false;
 
   bool rewritten() const { return reason == DecisionReason::kRewritten; }
 };
@@ -152,6 +156,9 @@ struct PolicyOptions {
   NoNamespacePolicy no_namespace = NoNamespacePolicy::kRewrite;
   std::string no_namespace_as;  // with kAsNamespace
   CredentialedPulls credentialed_pulls = CredentialedPulls::kMirror;
+  // When every candidate of a rewritten pull is down (unreachable or broken: refused, reset,
+  // timeout, TLS, 5xx) and the image is on the node, answer with it (HTTP's stale-if-error).
+  bool stale_if_error = false;
 };
 
 class Policy {

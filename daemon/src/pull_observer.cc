@@ -12,6 +12,8 @@ std::string_view PullOutcomeName(PullOutcome o) {
       return "failed";
     case PullOutcome::kCancelled:
       return "cancelled";
+    case PullOutcome::kStale:
+      return "stale";
     case PullOutcome::kPassthrough:
       return "passthrough";
   }

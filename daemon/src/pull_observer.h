@@ -19,6 +19,7 @@ enum class PullOutcome {
   kFailed,       // nothing served it; the caller got the last error
   kCancelled,    // the caller went away
   kPassthrough,  // not rewritten (no rule, excluded namespace, credentials...): forwarded
+  kStale,        // every candidate was down; the image on the node answered (staleIfError)
 };
 
 std::string_view PullOutcomeName(PullOutcome o);  // "mirror", "fallback", ...

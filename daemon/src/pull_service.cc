@@ -14,6 +14,7 @@
 #include "grpc_status.h"
 #include "policy.h"
 #include "reference.h"
+#include "string_util.h"
 
 namespace registry_proxy {
 namespace {
@@ -249,6 +250,14 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
   const size_t n = d.candidates.size();
   grpc::Status last(grpc::StatusCode::UNKNOWN, "registry-proxy: no candidate was tried");
   bool attempted = false;  // whether `last` is an attempt's error
+  // For staleIfError: whether every candidate was down (unreachable or broken), and what
+  // happened at each, briefly.
+  bool all_down = true;
+  std::string what_failed;
+  auto failed_at = [&](std::string_view where, std::string_view why, bool down) {
+    all_down = all_down && down;
+    what_failed += StrCat({what_failed.empty() ? "" : "; ", where, ": ", why});
+  };
   for (size_t i = 0; i < n; ++i) {
     const Candidate& c = d.candidates[i];
     if (Cancelled(opts)) return cancelled();
@@ -260,6 +269,7 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
       }
       spdlog::warn("pull {}: {} deadline passed; {} candidate(s) not tried", log.image,
                    opts.deadline <= overall ? "the caller's" : "node.pullTimeout's", n - i);
+      all_down = false;
       break;
     }
     const auto start = Now();
@@ -305,6 +315,8 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
         tally->outcome = PullOutcome::kFallback;  // every mirror failed or was skipped
         return r;
       }
+      failed_at("upstream", Outcome(r.status),
+                AttemptSaysDown(r.status, own_deadline_hit(r.status)));
       last = r.status;
       if (Cancelled(opts)) return cancelled();
       continue;
@@ -341,6 +353,7 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
                                 name + "': " + problem);
         attempted = true;
         log_attempt(last, false);
+        failed_at(c.mirror->host, "needs credentials", false);
         continue;
       }
     }
@@ -389,6 +402,7 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
         spdlog::warn("pull {}: attempt {}/{} {} (mirror) namespace={} rule={}: skipped: {}",
                      log.image, i + 1, n, c.image, log.ns, log.rule, skip);
         if (obs) obs->OnMirrorSkipped(c.mirror->host, reason);
+        failed_at(c.mirror->host, "skipped: " + skip, reason != SkipReason::kNoTime);
         if (!attempted) {
           last = grpc::Status(grpc::StatusCode::UNAVAILABLE,
                               "registry-proxy: mirror " + c.mirror->host + " skipped: " + skip);
@@ -421,6 +435,7 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
     if (!s.ok()) {
       last = s;
       if (Cancelled(opts)) return cancelled();
+      failed_at(c.mirror->host, Outcome(s), AttemptSaysDown(s, own_deadline_hit(s)));
       continue;
     }
     tally->outcome = PullOutcome::kMirror;
@@ -460,9 +475,40 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
     }
     return {grpc::Status::OK, resp.SerializeAsString()};
   }
+  if (d.stale_if_error && all_down && !auth && !Cancelled(opts)) {
+    if (auto stale = ServeStale(v, image, what_failed, opts)) {
+      tally->outcome = PullOutcome::kStale;
+      return *stale;
+    }
+  }
   // kubelet parses pull error messages: the last failure goes back exactly as it came.
   tally->outcome = PullOutcome::kFailed;
   return {last, ""};
+}
+
+// staleIfError: every candidate was down; if the requested reference is on the node, answer
+// with it as containerd answers a pull of a present image (image_ref = its id).
+std::optional<InterceptResult> PullService::ServeStale(CriVersion v, const std::string& image,
+                                                       const std::string& what_failed,
+                                                       const CallOptions& opts) {
+  runtime::v1::ImageStatusRequest sreq;
+  sreq.mutable_image()->set_image(image);
+  runtime::v1::ImageStatusResponse sresp;
+  grpc::Status s = cri_->ImageStatus(v, sreq, opts, &sresp);
+  if (!s.ok() || !sresp.has_image() || sresp.image().id().empty()) {
+    spdlog::info(
+        "pull {}: staleIfError: every candidate was down, but the image is not on the "
+        "node",
+        LogSafe(image));
+    return std::nullopt;
+  }
+  spdlog::warn(
+      "pull {}: every candidate was down ({}); staleIfError: answering with the image on the "
+      "node, {}",
+      LogSafe(image), what_failed, sresp.image().id());
+  runtime::v1::PullImageResponse resp;
+  resp.set_image_ref(sresp.image().id());
+  return InterceptResult{grpc::Status::OK, resp.SerializeAsString()};
 }
 
 PullService::AliasResult PullService::Alias(const Config& config, const Reference& original,

@@ -27,6 +27,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -115,6 +116,10 @@ class PullService final : public ImageInterceptor {
   bool WaitForStatus(CriVersion v, const runtime::v1::ImageStatusRequest& req,
                      const std::string& want_id, const CallOptions& opts,
                      runtime::v1::ImageStatusResponse* out);
+
+  std::optional<InterceptResult> ServeStale(CriVersion v, const std::string& image,
+                                            const std::string& what_failed,
+                                            const CallOptions& opts);
 
   std::chrono::steady_clock::time_point Now() const { return options_.now(); }
   std::mutex& AliasLock(const std::string& name);

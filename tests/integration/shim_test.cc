@@ -94,6 +94,30 @@ TEST_F(ShimTest, TheBuiltInDefaultConfigIsAnnouncedWithWherePullsGo) {
   EXPECT_THAT(log.substr(log.rfind("applied: generation 1")), Not(HasSubstr("built-in default")));
 }
 
+// staleIfError with real registries stopped mid-test: the image pulled earlier keeps the pod
+// starting (imagePullPolicy: Always); without it, containerd's error comes back.
+TEST_F(ShimTest, StaleIfErrorServesThePresentImageWhileEveryRegistryIsDown) {
+  std::string repo = Repo({bed->upstream, bed->mirror1});
+  StartDaemon(MirrorConfig({bed->mirror1->host()}, "staleIfError: true\n"));
+  runtime::v1::PullImageResponse first;
+  ASSERT_TRUE(Pull(repo, "default", &first).ok()) << DaemonLog();
+  bed->mirror1->Stop();
+  bed->upstream->Stop();
+  runtime::v1::PullImageResponse stale;
+  grpc::Status s = Pull(repo, "default", &stale);
+  const std::string log = DaemonLog();
+  StopDaemon();
+  StartDaemon(MirrorConfig({bed->mirror1->host()}));  // staleIfError off
+  grpc::Status off = Pull(repo, "default");
+  ASSERT_TRUE(bed->mirror1->Start().ok());
+  ASSERT_TRUE(bed->upstream->Start().ok());
+  ASSERT_TRUE(s.ok()) << log;
+  EXPECT_EQ(stale.image_ref(), first.image_ref());
+  EXPECT_THAT(log, HasSubstr("staleIfError: answering with the image on the node"));
+  EXPECT_FALSE(off.ok());
+  EXPECT_THAT(off.error_message(), HasSubstr("connection refused"));
+}
+
 TEST_F(ShimTest, ExcludedNamespacePullsUpstream) {
   std::string repo = Repo({bed->upstream, bed->mirror1});
   StartDaemon(MirrorConfig({bed->mirror1->host()}));

@@ -139,7 +139,30 @@ TEST(CredentialedPullsConfig, BadValuesSayWhereAndWhat) {
     mirrors: [hub.example]
     credentialedPulls: true
 )"),
-                        4, 24, "rules[0].credentialedPulls", "not one of mirror, upstream"));
+                        4, 24, "rules[0].credentialedPulls",
+                        "must be a string, got the boolean true"));
+}
+
+TEST(StaleIfErrorConfig, TopLevelAndPerRule) {
+  ConfigLoad load = Parse(R"(staleIfError: true
+rules:
+  - match: docker.io
+    mirrors: [hub.example]
+  - match: quay.io
+    mirrors: [q.example]
+    staleIfError: false
+)");
+  ASSERT_TRUE(load.ok()) << Dump(load);
+  PullContext ctx;
+  ctx.namespace_name = "x";
+  EXPECT_TRUE(load.config->policy->Decide("nginx", ctx).stale_if_error);
+  EXPECT_FALSE(load.config->policy->Decide("quay.io/a/b", ctx).stale_if_error);
+  EXPECT_FALSE(Parse("proxies:\n  docker.io: h.example\n")
+                   .config->policy->Decide("nginx", ctx)
+                   .stale_if_error)
+      << "off by default";
+  EXPECT_TRUE(OnlyError(Parse("staleIfError: sometimes\n"), 1, 15, "staleIfError",
+                        "must be true or false, got 'sometimes'"));
 }
 
 TEST(BuiltinConfig, LoadsCleanly) {

@@ -459,6 +459,66 @@ TEST_F(PullServiceTest, RePullOfAPresentImageWritesNoRecordAndWaitsForNothing) {
   EXPECT_EQ(fake_.Record("docker.io/library/nginx:latest").target_digest, new_digest);
 }
 
+// staleIfError: every candidate down (refused, reset, 5xx, timeout) and the image on the node:
+// kubelet gets the present image (imagePullPolicy: Always keeps pods starting). Never for "not
+// found", an authorization failure, a pull with credentials, or when it is off (the default).
+TEST_F(PullServiceTest, StaleIfErrorAnswersWithThePresentImageOnlyWhenEveryCandidateIsDown) {
+  const grpc::Status refused(grpc::StatusCode::UNKNOWN,
+                             "failed to resolve reference: dial tcp 127.0.0.1:9: connect: "
+                             "connection refused");
+  const grpc::Status broken(grpc::StatusCode::UNKNOWN,
+                            "unexpected status code [manifests latest]: 503 Service Unavailable");
+  auto all_fail = [&](const grpc::Status& m1, const grpc::Status& m2, const grpc::Status& up) {
+    fake_.Fail("m1.example/library/nginx:latest", m1);
+    fake_.Fail("m2.example/library/nginx:latest", m2);
+    fake_.Fail("docker.io/library/nginx:latest", up);
+  };
+  fake_.AddImage("docker.io/library/nginx:latest", kDigest, kId);
+  all_fail(refused, broken, refused);
+
+  // Off by default: the last error, exactly.
+  InterceptResult r = Pull(Request("nginx", "default"));
+  EXPECT_EQ(r.status.error_message(), refused.error_message());
+
+  SetConfig(std::string(kConfig) + "staleIfError: true\n");
+  {
+    LogCapture log;
+    r = Pull(Request("nginx", "default"));
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_EQ(ImageRef(r), kId);
+    const std::string text = log.text();
+    EXPECT_NE(text.find("every candidate was down (m1.example: "), std::string::npos) << text;
+    EXPECT_NE(text.find("m2.example: UNKNOWN: unexpected status code [manifests latest]: 503"),
+              std::string::npos)
+        << text;
+    EXPECT_NE(text.find("staleIfError: answering with the image on the node, " + kId),
+              std::string::npos)
+        << text;
+  }
+  // "Not found" somewhere: the registries answered; the error goes back.
+  all_fail(refused, grpc::Status(grpc::StatusCode::NOT_FOUND, "m2: not found"), refused);
+  EXPECT_FALSE(Pull(Request("nginx", "default")).status.ok());
+  // An authorization failure upstream is an answer too.
+  const grpc::Status denied(grpc::StatusCode::UNKNOWN,
+                            "pull access denied, repository does not exist or may require "
+                            "authorization: 401 Unauthorized");
+  all_fail(refused, refused, denied);
+  EXPECT_EQ(Pull(Request("nginx", "default")).status.error_message(), denied.error_message());
+  // A pull with credentials must reach its registry (KEP-2535 relies on it).
+  all_fail(refused, refused, refused);
+  runtime::v1::PullImageRequest with = Request("nginx", "default");
+  with.mutable_auth()->set_username("u");
+  EXPECT_FALSE(Pull(with).status.ok());
+  // Not on the node: the last error.
+  all_fail(refused, refused, refused);
+  EXPECT_TRUE(Pull(Request("nginx", "default")).status.ok()) << "still present";
+  for (const char* ref : {"m1.example/library/busybox:latest", "m2.example/library/busybox:latest",
+                          "docker.io/library/busybox:latest"}) {
+    fake_.Fail(ref, refused);
+  }
+  EXPECT_EQ(Pull(Request("busybox", "default")).status.error_message(), refused.error_message());
+}
+
 TEST_F(PullServiceTest, KeepMirrorNamesKeepsThem) {
   SetConfig(std::string(kConfig) + "  keepMirrorNames: true\n");
   fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
