@@ -75,6 +75,7 @@ nlohmann::json DecisionJson(std::string_view image, const std::optional<std::str
     if (c.mirror) cj["mirror"] = c.mirror->host;
     cands.push_back(std::move(cj));
   }
+  j["staleIfError"] = d.stale_if_error;
   j["config"] = {{"source", cfg.origin}, {"sha256", cfg.config->content_sha256}};
   return j;
 }
@@ -91,6 +92,12 @@ void PrintDecision(std::ostream& out, std::string_view image, const std::optiona
     out << "  " << i + 1 << ". " << c.image << "  (" << CandidateSource(c);
     if (c.mirror) out << " " << c.mirror->host;
     out << ")\n";
+  }
+  if (d.stale_if_error) {
+    out << "  then, when every one above was down (refused, reset, timeout, TLS, 5xx) and the\n"
+           "  image is on the node: that image (staleIfError: kubelet re-pulls present images\n"
+           "  with imagePullPolicy: Always, so pods keep starting while the registries are "
+           "down)\n";
   }
   out << "config:     " << cfg.origin << "\n";
 }

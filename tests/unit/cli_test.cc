@@ -86,6 +86,25 @@ TEST(ResolveTest, SeedReadmeExample) {
   EXPECT_EQ(j["config"]["source"], kRepoConfig);
 }
 
+TEST(ResolveTest, CredentialsAndStaleIfErrorAreExplained) {
+  TempDir dir;
+  auto cfg = dir.Write("c.yaml",
+                       "credentialedPulls: upstream\nstaleIfError: true\n"
+                       "proxies:\n  docker.io: hub.example\n")
+                 .string();
+  auto j = ResolveJson({"nginx", "-n", "default", "-c", cfg});
+  EXPECT_EQ(j["pullFrom"], "hub.example/library/nginx:latest");
+  EXPECT_EQ(j["staleIfError"], true);
+  j = ResolveJson({"nginx", "-n", "default", "--with-credentials", "-c", cfg});
+  EXPECT_EQ(j["reason"], "credentials");
+  EXPECT_EQ(j["pullFrom"], "nginx");
+  EXPECT_EQ(j["staleIfError"], false);
+  CliResult r = Cli({"resolve", "nginx", "-n", "default", "-c", cfg});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("image is on the node: that image (staleIfError"));
+  EXPECT_THAT(r.out, HasSubstr("imagePullPolicy: Always"));
+}
+
 TEST(ResolveTest, BuiltinDefaultMatchesRepoConfig) {
   if (fs::exists("/etc/registry-proxy/config.yaml")) GTEST_SKIP() << "this host has a config";
   auto j = ResolveJson({"nginx", "-n", "default"});
