@@ -173,17 +173,21 @@ class WebhookTest : public ::testing::Test {
     log_ = (work_ / "webhook.log").string();
     ASSERT_TRUE(webhook_.Spawn(argv, log_).ok());
     started_ = true;
+    ASSERT_TRUE(WaitForPort(log_, &port_)) << Log();
+  }
+
+  // Waits (10 s) until a webhook's log says where it serves; its port in *port.
+  static bool WaitForPort(const std::string& log_path, int* port) {
     static const std::regex kServing(R"(serving https://127\.0\.0\.1:(\d+))");
-    std::smatch m;
-    ASSERT_TRUE(WaitFor(
+    return WaitFor(
         [&] {
-          std::string log = ReadFile(log_);
+          std::smatch m;
+          const std::string log = ReadFile(log_path);
           if (!std::regex_search(log, m, kServing)) return false;
-          port_ = std::stoi(m[1]);
+          *port = std::stoi(m[1]);
           return true;
         },
-        10s))
-        << Log();
+        10s);
   }
 
   std::string Log() const { return ReadFile(log_); }
@@ -644,18 +648,8 @@ TEST_F(WebhookTest, TwoReplicasKeepingTheirOwnCertificateServeOneCaForTheService
   for (const auto& f : own_flags("own2")) argv.push_back(f);
   const std::string log2 = (work_ / "webhook2.log").string();
   ASSERT_TRUE(second.Spawn(argv, log2).ok());
-  std::smatch m;
-  static const std::regex kServing(R"(serving https://127\.0\.0\.1:(\d+))");
   int port2 = 0;
-  ASSERT_TRUE(WaitFor(
-      [&] {
-        std::string log = ReadFile(log2);
-        if (!std::regex_search(log, m, kServing)) return false;
-        port2 = std::stoi(m[1]);
-        return true;
-      },
-      10s))
-      << ReadFile(log2);
+  ASSERT_TRUE(WaitForPort(log2, &port2)) << ReadFile(log2);
   EXPECT_EQ(get(port2).status, 200) << ReadFile(log2);
   EXPECT_EQ(api.secret_writes(), 1) << "the second replica took the first one's certificate";
   EXPECT_EQ(ReadFile(work_ / "own2" / "tls.crt"), ReadFile(work_ / "own1" / "tls.crt"));
