@@ -665,8 +665,10 @@ TEST(RobustnessTest, HugeAndBinaryInputs) {
     EXPECT_EQ(r.error().find('\n'), std::string::npos) << r.error();
     EXPECT_EQ(r.error().find('\0'), std::string::npos) << r.error();
   }
-  // Linear work: 15 MiB of input must take well under a second even unoptimised.
-  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(2));
+  // A guard against super-linear parsing (backtracking on 1 MiB inputs would take hours), not a
+  // speed test: linear work takes well under a second, but under TSan on a loaded 2-core machine
+  // it has taken 2 s, so the bound is generous.
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
 }
 
 TEST(RobustnessTest, HugeDomainIsAcceptedByTheGrammar) {
