@@ -66,6 +66,7 @@ rules:
   - match: ghcr.io
     mirrors: [ghcr.example.com]
     digestOnly: true
+    credentialedPulls: upstream
 pullsWithoutNamespace:
   policy: asNamespace
   namespace: default
@@ -238,11 +239,11 @@ void CheckPull(const std::string& input, bool succeed) {
       Violation("an unparsed request was not forwarded exactly once, alone", input);
     }
   } else {
-    if (HasAuth(req) && !ctrd.mirror_pulls.empty()) {
-      Violation("a request with credentials went to a mirror", req.image().image());
-    }
-    // The decision the service made, made again: every mirror pull must be one of its images.
+    // The decision the service made, made again: every mirror pull must be one of its images
+    // (a pull with credentials is mirrored under credentialedPulls: mirror, the default; never
+    // with those credentials: below, a mirror request carries no auth but its own entry).
     PullContext ctx;
+    ctx.with_credentials = HasAuth(req);
     std::map<std::string, std::string> labels;
     if (req.has_sandbox_config()) {
       ctx.namespace_name = req.sandbox_config().metadata().namespace_();
