@@ -588,8 +588,7 @@ int main(int argc, char** argv) {
       std::printf("-- GetContainerEvents via %s: not in this containerd (fine: 1.6 lacks it)\n",
                   t->name.c_str());
     } else {
-      std::printf("-- GetContainerEvents via %s: %s\n", t->name.c_str(),
-                  StatusText(st).c_str());
+      std::printf("-- GetContainerEvents via %s: %s\n", t->name.c_str(), StatusText(st).c_str());
     }
     cq.Shutdown();
     while (cq.Next(&tag, &ok)) {
@@ -792,7 +791,7 @@ int main(int argc, char** argv) {
   base.Stop();
   std::printf("== cri_load done in %.0f s: %s\n",
               std::chrono::duration<double>(Clock::now() - run_start).count(),
-              g_failed ? "SOME CALLS FAILED"
+              g_failed  ? "SOME CALLS FAILED"
               : o.smoke ? "every call succeeded (smoke run: it works; no numbers to read)"
                         : "every call succeeded");
   return g_failed ? 1 : 0;
