@@ -38,14 +38,11 @@ constexpr size_t kMaxSocketPath = 107;
 
 std::string Errno(const std::string& what) { return what + ": " + std::strerror(errno); }
 
-std::optional<std::string> FindInPath(const std::string& name) {
+std::optional<std::string> FindInDirs(const std::string& name, const std::string& dirs) {
   if (name.find('/') != std::string::npos) {
     if (access(name.c_str(), X_OK) == 0) return name;
     return std::nullopt;
   }
-  const char* path = std::getenv("PATH");
-  std::string dirs = path ? path : "/usr/local/bin:/usr/bin:/bin";
-  dirs += ":/usr/sbin:/sbin";  // root tools, in case PATH lacks them
   std::stringstream ss(dirs);
   std::string dir;
   while (std::getline(ss, dir, ':')) {
@@ -54,6 +51,81 @@ std::optional<std::string> FindInPath(const std::string& name) {
     if (access(p.c_str(), X_OK) == 0) return p;
   }
   return std::nullopt;
+}
+
+std::string PlainPath() {
+  const char* path = std::getenv("PATH");
+  std::string dirs = path ? path : "/usr/local/bin:/usr/bin:/bin";
+  return dirs + ":/usr/sbin:/sbin";  // root tools, in case PATH lacks them
+}
+
+// PATH with the containerd under test first (its shim is found through PATH too).
+std::optional<std::string> FindInPath(const std::string& name) {
+  const std::string& bin_dir = ContainerdUnderTest().bin_dir;
+  return FindInDirs(name, (bin_dir.empty() ? "" : bin_dir + ":") + PlainPath());
+}
+
+// "2.1" from "containerd github.com/containerd/containerd/v2 2.1.9+unknown ..." ("" if none).
+std::string ContainerdVersionOf(const std::string& binary) {
+  std::string out;
+  if (FILE* f = popen(("'" + binary + "' --version 2>/dev/null").c_str(), "r")) {
+    char buf[256];
+    while (fgets(buf, sizeof buf, f)) out += buf;
+    pclose(f);
+  }
+  std::stringstream ss(out);
+  std::string word, version;
+  for (int i = 0; i < 3 && ss >> word; ++i) version = word;
+  const size_t dot = version.find('.');
+  if (dot == std::string::npos) return "";
+  return version.substr(0, version.find_first_not_of("0123456789", dot + 1));
+}
+
+// deb/containerd_<version>*/usr/bin in fetch-deb.sh's cache, the newest; "" when none.
+std::string FetchedContainerd(const std::string& version) {
+  const char* c = std::getenv("RP_CACHE_DIR");
+  const char* xdg = std::getenv("XDG_CACHE_HOME");
+  const char* home = std::getenv("HOME");
+  const std::string cache = c ? c
+                            : xdg ? std::string(xdg) + "/registry-proxy"
+                                  : std::string(home ? home : "/tmp") + "/.cache/registry-proxy";
+  std::vector<std::string> found;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(cache + "/deb", ec)) {
+    const std::string name = e.path().filename();
+    const std::string prefix = "containerd_" + version + ".";
+    if (name.rfind(prefix, 0) == 0 && fs::exists(e.path() / ".unpacked") &&
+        fs::exists(e.path() / "usr/bin/containerd")) {
+      found.push_back(e.path() / "usr/bin");
+    }
+  }
+  std::sort(found.begin(), found.end());  // same major.minor: a plain sort is enough
+  return found.empty() ? "" : found.back();
+}
+
+ContainerdBuild FindContainerdUnderTest() {
+  ContainerdBuild b;
+  const char* want = std::getenv("RP_CONTAINERD_VERSION");
+  if (want == nullptr || *want == '\0') {
+    if (auto bin = FindInDirs("containerd", PlainPath())) b.version = ContainerdVersionOf(*bin);
+    return b;
+  }
+  std::string var = std::string("RP_CONTAINERD_DIR_") + want;
+  std::replace(var.begin(), var.end(), '.', '_');
+  const char* dir = std::getenv(var.c_str());
+  b.bin_dir = dir && *dir ? dir : FetchedContainerd(want);
+  const char* fetch_error = std::getenv("RP_CONTAINERD_FETCH_ERROR");
+  if (b.bin_dir.empty()) {
+    b.problem = std::string("containerd ") + want + " not fetched (scripts/fetch-deb.sh containerd " +
+                want + (fetch_error && *fetch_error ? ": " + std::string(fetch_error) : "") + ")";
+    return b;
+  }
+  b.version = ContainerdVersionOf(b.bin_dir + "/containerd");
+  if (b.version != want) {
+    b.problem = "RP_CONTAINERD_VERSION=" + std::string(want) + " but " + b.bin_dir +
+                "/containerd is version '" + b.version + "'";
+  }
+  return b;
 }
 
 Status WriteFile(const std::string& path, const std::string& content) {
@@ -78,15 +150,20 @@ std::optional<std::string> ReadFile(const std::string& path) {
 std::vector<std::string> ChildEnv() {
   std::vector<std::string> env;
   bool has_path = false;
+  const std::string& bin_dir = ContainerdUnderTest().bin_dir;
   for (char** e = environ; e && *e; ++e) {
     std::string kv = *e;
     if (kv.rfind("PATH=", 0) == 0) {
+      if (!bin_dir.empty()) kv.insert(5, bin_dir + ":");
       kv += ":/usr/sbin:/usr/bin:/sbin:/bin";
       has_path = true;
     }
     env.push_back(std::move(kv));
   }
-  if (!has_path) env.push_back("PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+  if (!has_path) {
+    env.push_back("PATH=" + (bin_dir.empty() ? "" : bin_dir + ":") +
+                  "/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+  }
   return env;
 }
 
@@ -198,6 +275,7 @@ std::string HostsToml(const std::string& target) {
 
 std::string SkipReason() {
   if (geteuid() != 0) return "the integration testbed needs root (containerd, mounts)";
+  if (const std::string& p = ContainerdUnderTest().problem; !p.empty()) return p;
   std::vector<std::string> missing;
   for (const char* bin : {"containerd", "containerd-shim-runc-v2", kRunc, "docker-registry",
                           "umoci", "skopeo", kBusybox}) {
@@ -207,6 +285,11 @@ std::string SkipReason() {
   std::string r = "missing:";
   for (const auto& m : missing) r += " " + m;
   return r + " (Debian: containerd runc docker-registry umoci skopeo busybox-static)";
+}
+
+const ContainerdBuild& ContainerdUnderTest() {
+  static const ContainerdBuild* const b = new ContainerdBuild(FindContainerdUnderTest());
+  return *b;
 }
 
 bool IntegrationRequired() {
@@ -778,8 +861,35 @@ Containerd::Containerd(std::string dir, ContainerdOptions options)
 
 Containerd::~Containerd() { Shutdown(); }
 
+// containerd 2.x: config version 3, the CRI plugin split into images and runtime.
+std::string Containerd::ConfigV3() const {
+  const std::string& d = dir_;
+  const std::string img = "[plugins.\"io.containerd.cri.v1.images\"]\n";
+  const std::string rt = "[plugins.\"io.containerd.cri.v1.runtime\"";
+  return "version = 3\nroot = \"" + d + "/root\"\nstate = \"" + d + "/state\"\n" +
+         "[grpc]\n  address = \"" + socket_path() + "\"\n" +
+         "[ttrpc]\n  address = \"" + socket_path() + ".ttrpc\"\n" +
+         "[debug]\n  address = \"" + d + "/debug.sock\"\n" +
+         "[metrics]\n  address = \"\"\n" +
+         "[plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"" + d + "/opt\"\n" + img +
+         "  snapshotter = \"overlayfs\"\n" +
+         "[plugins.\"io.containerd.cri.v1.images\".pinned_images]\n  sandbox = \"" +
+         options_.sandbox_image + "\"\n" +
+         "[plugins.\"io.containerd.cri.v1.images\".registry]\n  config_path = \"" +
+         certs_dir() + "\"\n" + rt + "]\n  disable_apparmor = true\n" +
+         "  restrict_oom_score_adj = true\n" + rt + ".containerd]\n" +
+         "  default_runtime_name = \"runc\"\n" + rt + ".containerd.runtimes.runc]\n" +
+         "  runtime_type = \"io.containerd.runc.v2\"\n" + rt +
+         ".containerd.runtimes.runc.options]\n  BinaryName = \"" + std::string(kRunc) + "\"\n" +
+         "  Root = \"" + d + "/runc-root\"\n  SystemdCgroup = false\n" + rt + ".cni]\n" +
+         "  bin_dirs = [\"/usr/lib/cni\"]\n  conf_dir = \"" + d + "/cni/net.d\"\n";
+}
+
 Status Containerd::WriteConfig() {
   const std::string& d = dir_;
+  std::error_code ec;
+  fs::create_directories(d + "/cni/net.d", ec);
+  if (ContainerdUnderTest().major() >= 2) return WriteFile(d + "/config.toml", ConfigV3());
   std::string c =
       "version = 2\n"
       "root = \"" +
@@ -833,8 +943,6 @@ Status Containerd::WriteConfig() {
       "  [plugins.\"io.containerd.grpc.v1.cri\".registry]\n"
       "    config_path = \"" +
       certs_dir() + "\"\n";
-  std::error_code ec;
-  fs::create_directories(d + "/cni/net.d", ec);
   return WriteFile(d + "/config.toml", c);
 }
 

@@ -38,6 +38,19 @@ using registry_proxy::Status;
 std::string SkipReason();
 bool IntegrationRequired();
 
+// The containerd under test. By default the one on PATH (Debian 12: 1.6). The test matrix
+// sets RP_CONTAINERD_VERSION (e.g. "1.7", "2.1"): the binaries then come from
+// $RP_CONTAINERD_DIR_1_7 (a dir holding containerd and containerd-shim-runc-v2) or, without
+// it, from scripts/fetch-deb.sh's cache ($RP_CACHE_DIR, else ~/.cache/registry-proxy:
+// deb/containerd_<version>*/usr/bin, the newest). Not found: SkipReason says so.
+struct ContainerdBuild {
+  std::string bin_dir;  // "" for PATH
+  std::string version;  // major.minor of `containerd --version`, e.g. "2.1"; "" when unknown
+  std::string problem;  // why it cannot be used ("" when it can)
+  int major() const { return version.empty() ? 0 : std::stoi(version); }
+};
+const ContainerdBuild& ContainerdUnderTest();
+
 // The public registries tests must never reach: pinned to kDeadHost in every containerd.
 const std::vector<std::string>& PublicRegistryHosts();
 // Nothing listens on the discard port: connections are refused at once.
@@ -211,7 +224,7 @@ struct ContainerdOptions {
   std::chrono::milliseconds start_timeout = std::chrono::seconds(30);
 };
 
-// A private containerd 1.6 with its CRI plugin, everything under `dir`.
+// A private containerd (ContainerdUnderTest()) with its CRI plugin, everything under `dir`.
 class Containerd {
  public:
   Containerd(std::string dir, ContainerdOptions options);
@@ -242,6 +255,7 @@ class Containerd {
 
  private:
   Status WriteConfig();
+  std::string ConfigV3() const;
   Status WriteHostsToml(const std::string& host, const std::string& target);
   void KillLeftovers();
 
