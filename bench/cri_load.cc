@@ -18,9 +18,8 @@
 //   cri_load [--smoke] [--rounds N] [--round-seconds S] [--max-calls N] [--concurrency 1,16,64]
 //            [--pulls N] [--daemon PATH] [--max-seconds S] [--only Version,ListImages-10,...]
 //            [--baseline PATH]   a second daemon binary, as target "base" (before/after)
-//            [--daemon-args "ARGS"] extra serve flags for "daemon" (e.g. "--engine grpc")
-//            [--baseline-args "ARGS"]  extra serve flags for "base" (e.g. "--engine grpc": the
-//                                gRPC engine beside the relay, same binary, same run)
+//            [--daemon-args "ARGS"] extra serve flags for "daemon"
+//            [--baseline-args "ARGS"]  extra serve flags for "base"
 //            [--wrap "CMD ARGS"] run the daemon under CMD (e.g. valgrind --tool=callgrind)
 //
 // Bounded: every round stops after --round-seconds or --max-calls, every call has a deadline,

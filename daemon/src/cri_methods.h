@@ -1,7 +1,6 @@
 // What the proxy needs to know of a CRI call before it forwards it: which methods it
 // intercepts, which are known to be unary, which metadata it may copy, and whether an
-// ImageStatus response is a hit. Shared by both serving engines (cri_proxy: gRPC, h2_relay:
-// HTTP/2 frames); no I/O.
+// ImageStatus response is a hit. Used by the relay (h2_relay); no I/O.
 #pragma once
 
 #include <string_view>

@@ -1,10 +1,7 @@
-// What serves the CRI socket, whichever engine does it: the options, the observer of every
-// finished call, and the small interface serve.cc and the tests drive.
-//
-// Two engines implement it: H2Relay (h2_relay.h, the default) relays HTTP/2 frames and decodes
-// only the calls it intercepts; CriProxy (cri_proxy.h) terminates every call with gRPC's
-// generic API. Both hand PullImage and ImageStatus to an ImageInterceptor and keep the same
-// guarantees (tests/unit/cri_proxy_test.cc runs every case against both).
+// What serves the CRI socket: the options, the observer of every finished call, and the small
+// interface serve.cc and the tests drive. H2Relay (h2_relay.h) implements it: it relays HTTP/2
+// frames, decodes only the calls it intercepts and hands PullImage and ImageStatus to an
+// ImageInterceptor (tests/unit/h2_relay_test.cc).
 #pragma once
 
 #include <grpcpp/support/status.h>

@@ -1,6 +1,6 @@
-// The boundary between the proxy core (cri_proxy: gRPC plumbing, forwarding every call as
-// raw bytes) and the code that changes pulls (pull_service). The proxy decodes nothing; it
-// hands the few calls it intercepts to an ImageInterceptor.
+// The boundary between the CRI server (h2_relay: relays every call's HTTP/2 frames) and the
+// code that changes pulls (pull_service). The relay decodes only the few calls it intercepts
+// and hands them to an ImageInterceptor.
 #pragma once
 
 #include <grpcpp/grpcpp.h>

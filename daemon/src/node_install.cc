@@ -26,7 +26,7 @@
 #include "config.h"
 #include "config_store.h"
 #include "cri_client.h"
-#include "cri_proxy.h"
+#include "cri_server.h"
 #include "file_util.h"
 #include "signals.h"
 

@@ -33,7 +33,7 @@
 #include <string_view>
 #include <unordered_map>
 
-#include "cri_proxy.h"
+#include "cri_server.h"
 #include "interceptor.h"
 #include "metrics.h"
 #include "ops_server.h"
@@ -94,7 +94,7 @@ class NodeMetrics final : public CallObserver, public PullObserver {
 };
 
 // Wraps the pull service to count PullImage calls in flight (the PullObserver hears of a pull
-// only when it ends; CriProxy::in_flight() counts every call). Everything else is delegated.
+// only when it ends; CriServer::in_flight() counts every call). Everything else is delegated.
 class InFlightPulls final : public ImageInterceptor {
  public:
   InFlightPulls(ImageInterceptor* inner, metrics::Gauge* in_flight)

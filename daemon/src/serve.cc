@@ -14,7 +14,6 @@
 #include "channel_keeper.h"
 #include "cli_args.h"
 #include "config_store.h"
-#include "cri_proxy.h"
 #include "grpc_status.h"
 #include "h2_relay.h"
 #include "logging.h"
@@ -32,7 +31,6 @@ namespace {
 constexpr char kServeHelp[] =
     R"(Usage: registry-proxy serve [--config FILE] [--listen ENDPOINT] [--upstream ENDPOINT]
                             [--grace SECONDS] [--metrics-address HOST:PORT]
-                            [--engine relay|grpc]
                             [--log-level LEVEL] [--log-format text|json]
 
 Serves the CRI (runtime.v1 and runtime.v1alpha2, ImageService and RuntimeService) on a unix
@@ -49,9 +47,6 @@ if upstream had served it.
       --metrics-address HOST:PORT
                         plain HTTP GET /metrics (Prometheus), /healthz, /readyz (default:
                         node.metricsAddress, 127.0.0.1:9464; "" turns it off)
-      --engine E        relay (default): relays HTTP/2 frames, decoding only PullImage and
-                        ImageStatus; grpc: terminates every call with gRPC (slower; kept
-                        as a fallback)
       --log-level L     trace, debug, info (default), warn, error, critical, off
       --log-format F    text (default) or json (one JSON object per line)
 
@@ -131,13 +126,17 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
       return err << "--metrics-address " << s.message() << "\n", 2;
     }
   }
-  const std::string engine = args->Get("--engine").value_or("relay");
-  if (engine != "relay" && engine != "grpc") {
-    return err << "--engine wants relay or grpc, got '" << engine << "'\n", 2;
-  }
   LogOptions log_options;
   if (auto e = ParseLogFlags(*args, &log_options)) return err << *e << "\n", 2;
   SetUpLogging(log_options);
+  // --engine chose between the frame relay and a retired gRPC engine; the relay is the only
+  // one now. A unit that still passes the flag must keep the node pulling, so it is only noted.
+  if (auto e = args->Get("--engine")) {
+    spdlog::warn("--engine {} is ignored: the HTTP/2 frame relay is the only engine", *e);
+  }
+  // A peer that goes away mid-write (a mirror during a probe, a scraper of /metrics) must cost
+  // an EPIPE on that write, never the process.
+  std::signal(SIGPIPE, SIG_IGN);
   // One poller, no spurious wake-up per write (measured; see DESIGN.md). Must be set before
   // gRPC starts; an explicit setting by the operator wins.
   setenv("GRPC_POLL_STRATEGY", "poll", /*overwrite=*/0);
@@ -166,10 +165,16 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
     popts.listen_fd = *fd;
     spdlog::info("socket-activated: serving the socket systemd passed (fd {})", *fd);
   }
-  store.SetListener([&store, popts](ReloadResult r, const ReloadStats&) {
+  // The sockets are read once. A reload that changes one the config chose (not a flag) says
+  // it waits for a restart; a setting a flag overrides does not matter.
+  const bool listen_from_config = !args->Has("--listen");
+  const bool upstream_from_config = !args->Has("--upstream");
+  store.SetListener([&store, node, popts, listen_from_config, upstream_from_config](
+                        ReloadResult r, const ReloadStats&) {
     if (r != ReloadResult::kApplied) return;
     const NodeSettings& now = store.Current()->node;
-    if (now.listen != popts.listen || now.upstream != popts.upstream) {
+    if ((listen_from_config && now.listen != node.listen) ||
+        (upstream_from_config && now.upstream != node.upstream)) {
       spdlog::warn(
           "node.listen/node.upstream changed in the config; they take effect on restart "
           "(serving {} -> {})",
@@ -197,12 +202,7 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
   // 4. Serve.
   LogCalls log_calls(&node_metrics, &keeper);
   InFlightPulls counted_pulls(&pulls, &node_metrics.pulls_in_flight());
-  std::unique_ptr<CriServer> proxy;
-  if (engine == "grpc") {
-    proxy = std::make_unique<CriProxy>(popts, channel, &counted_pulls, &log_calls);
-  } else {
-    proxy = std::make_unique<H2Relay>(popts, &counted_pulls, &log_calls);
-  }
+  auto proxy = std::make_unique<H2Relay>(popts, &counted_pulls, &log_calls);
   if (Status s = proxy->Start(); !s.ok()) {
     spdlog::critical("cannot serve: {}", s.message());
     return 1;
@@ -236,8 +236,8 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
       });
     }
   }
-  spdlog::info("registry-proxy serving {} -> {} (engine {}, config {}, {})", proxy->socket_path(),
-               popts.upstream, engine, store.path(),
+  spdlog::info("registry-proxy serving {} -> {} (config {}, {})", proxy->socket_path(),
+               popts.upstream, store.path(),
                store.HasGoodConfig() ? "loaded" : "none: passthrough");
   SdNotify("READY=1\nSTATUS=serving " + proxy->socket_path());
 

@@ -17,6 +17,11 @@
 
 namespace registry_proxy {
 
+// A channel to the upstream CRI socket, tuned for a local peer that restarts: reconnect
+// within a second, not gRPC's default two minutes.
+std::shared_ptr<grpc::Channel> MakeUpstreamChannel(const std::string& endpoint,
+                                                   int max_message_bytes);
+
 // CRI ImageService calls by method name, so one client serves runtime.v1 and
 // runtime.v1alpha2 alike: the messages are the same on the wire, only the method path
 // ("/runtime.v1alpha2.ImageService/PullImage") differs.

@@ -276,6 +276,9 @@ int CmdWebhook(const std::vector<std::string>& argv, std::ostream& out, std::ost
   LogOptions log_options;
   if (auto e = ParseLogFlags(*args, &log_options)) return err << *e << "\n", 2;
   SetUpLogging(log_options);
+  // A client that goes away mid-write (an API server, a prober) costs an EPIPE, never the
+  // process.
+  std::signal(SIGPIPE, SIG_IGN);
 
   // 1. Signals are blocked before any thread exists, so only the main thread sees them.
   SignalWaiter signals({SIGHUP, SIGINT, SIGTERM});

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A packager's build: `cmake -DCMAKE_BUILD_TYPE=Release` with Unix Makefiles and nothing else.
-# Warnings must not be errors there (GCC 12 at -O3 warns -Wrestrict falsely in cri_proxy.cc),
+# Warnings must not be errors there (GCC 12 at -O3 warns -Wrestrict falsely in code
+# that inlines std::string appends; h2_relay.cc has the most of it),
 # so: the configure succeeds, our targets carry no -Werror, and the object that drew the
 # false positive compiles at -O3 (building all of it would take ~15 minutes on 2 cores).
 # Usage: release_build_test.sh SOURCE_DIR
@@ -20,7 +21,7 @@ grep -q -- '-O3' "$flags" || fail "Release flags lack -O3: $(grep CXX_FLAGS "$fl
 echo "Release configure: -O3, no -Werror"
 make -C "$tmp" -j "${RP_JOBS:-2}" rp_proto >"$tmp/proto.log" 2>&1 ||
   { tail -30 "$tmp/proto.log" >&2; fail "rp_proto does not build"; }
-make -C "$tmp/daemon" src/cri_proxy.cc.o >"$tmp/obj.log" 2>&1 ||
-  { tail -30 "$tmp/obj.log" >&2; fail "cri_proxy.cc does not compile in a Release build"; }
-grep -c 'warning:' "$tmp/obj.log" | xargs echo "cri_proxy.cc compiled at -O3; warnings:"
+make -C "$tmp/daemon" src/h2_relay.cc.o >"$tmp/obj.log" 2>&1 ||
+  { tail -30 "$tmp/obj.log" >&2; fail "h2_relay.cc does not compile in a Release build"; }
+grep -c 'warning:' "$tmp/obj.log" | xargs echo "h2_relay.cc compiled at -O3; warnings:"
 echo "PASS"

@@ -90,11 +90,6 @@ void ShimTest::StartDaemon(const std::string& config_yaml) {
                                    "--upstream",  bed->ctrd->endpoint(),
                                    "--log-level", "debug",
                                    "--grace",     "2"};
-  // The serving engine under test: the default (relay), or RP_SHIM_ENGINE (ctest runs the shim
-  // suites once more with the gRPC engine).
-  if (const char* engine = std::getenv("RP_SHIM_ENGINE"); engine && *engine) {
-    argv.insert(argv.end(), {"--engine", engine});
-  }
   argv.insert(argv.end(), daemon_args_.begin(), daemon_args_.end());  // later flags win
   Status s = daemon_.Spawn(argv, dir_ + "/daemon.log");
   ASSERT_TRUE(s.ok()) << s.message();

@@ -12,7 +12,7 @@
 #include <memory>
 #include <string>
 
-#include "cri_proxy.h"  // MakeUpstreamChannel: the daemon's channel settings
+#include "upstream_grpc.h"  // MakeUpstreamChannel: the daemon's channel settings
 #include "k8s.io/cri-api/pkg/apis/runtime/v1/api.grpc.pb.h"
 
 namespace registry_proxy {

@@ -24,6 +24,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 const std::string kRepoConfig = std::string(RP_SOURCE_DIR) + "/config/config.yaml";
 const char kDigest[] = "sha256:7031c1b283388d2c2e09b57badb803c05ebed362dc88d84b480cc47f72a21097";
@@ -240,12 +241,14 @@ TEST(CliTest, HelpVersionUnknown) {
 
 class Child {
  public:
-  explicit Child(const std::vector<std::string>& args) {
+  // `with_stderr`: stderr goes to the same pipe (serve logs there).
+  explicit Child(const std::vector<std::string>& args, bool with_stderr = false) {
     int fds[2];
     EXPECT_EQ(pipe2(fds, O_CLOEXEC), 0);
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     posix_spawn_file_actions_adddup2(&fa, fds[1], 1);
+    if (with_stderr) posix_spawn_file_actions_adddup2(&fa, fds[1], 2);
     std::vector<std::string> a = args;
     std::vector<char*> argv;
     for (auto& s : a) argv.push_back(s.data());
@@ -330,6 +333,43 @@ TEST(WatchConfigBinaryTest, FollowsEditsRejectsBadFilesAndReloadsOnSighup) {
 
   child.Signal(SIGTERM);
   EXPECT_EQ(child.Wait(), 0);
+}
+
+// --- the real binary: serve's flags, reloads and signals --------------------------------------
+
+// serve without containerd: the relay dials containerd only when a call comes, so starting,
+// reloading and stopping need none.
+std::vector<std::string> ServeArgs(const TempDir& dir, const fs::path& cfg) {
+  return {RP_BINARY,           "serve",
+          "--config",          cfg.string(),
+          "--listen",          "unix://" + (dir.path() / "rp.sock").string(),
+          "--metrics-address", ""};
+}
+
+// A unit written for the retired gRPC engine keeps the node serving; a reload that leaves the
+// sockets alone says nothing about them (the flag sets listen, the config never changed
+// upstream); SIGPIPE (a peer gone mid-write) does not kill the daemon.
+TEST(ServeBinaryTest, RetiredEngineFlagReloadAndSigpipe) {
+  TempDir dir;
+  fs::path cfg = dir.Write("config.yaml", "node:\n  upstream: unix:///nonexistent/a.sock\n");
+  std::vector<std::string> args = ServeArgs(dir, cfg);
+  args.insert(args.end(), {"--engine", "grpc"});
+  Child child(args, /*with_stderr=*/true);
+  ASSERT_NE(child.WaitForLine("--engine grpc is ignored"), "") << child.seen();
+  ASSERT_NE(child.WaitForLine("registry-proxy serving"), "") << child.seen();
+
+  dir.Write("config.yaml", "node:\n  upstream: unix:///nonexistent/a.sock\nproxies: {}\n");
+  ASSERT_NE(child.WaitForLine("applied: generation 2"), "") << child.seen();
+  child.Signal(SIGHUP);  // serialised after the reload above, its listener included
+  ASSERT_NE(child.WaitForLine("unchanged (generation 2"), "") << child.seen();
+  EXPECT_THAT(child.seen(), Not(HasSubstr("take effect on restart")));
+
+  child.Signal(SIGPIPE);
+  // A changed upstream, chosen by the config (no --upstream flag), does wait for a restart.
+  dir.Write("config.yaml", "node:\n  upstream: unix:///nonexistent/b.sock\n");
+  ASSERT_NE(child.WaitForLine("take effect on restart"), "") << child.seen();
+  child.Signal(SIGTERM);
+  EXPECT_EQ(child.Wait(), 0) << child.seen();  // 128+13 if SIGPIPE had killed it
 }
 
 }  // namespace

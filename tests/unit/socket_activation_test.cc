@@ -1,4 +1,4 @@
-// Socket activation: CriProxy serving a listening socket it was given (ProxyOptions::listen_fd,
+// Socket activation: the relay (H2Relay) serving a listening socket it was given (ProxyOptions::listen_fd,
 // as systemd's registry-proxy.socket passes it), and SdListenFd's checks of the environment.
 // The upstream is a small real gRPC server on a unix socket answering RuntimeService.Version.
 #include <gmock/gmock.h>
@@ -16,7 +16,7 @@
 #include <string>
 #include <thread>
 
-#include "cri_proxy.h"
+#include "h2_relay.h"
 #include "k8s.io/cri-api/pkg/apis/runtime/v1/api.grpc.pb.h"
 #include "sd_listen.h"
 
@@ -65,13 +65,12 @@ class SocketActivationTest : public ::testing::Test {
     fs::remove_all(dir_);
   }
 
-  std::unique_ptr<CriProxy> NewProxy() {
+  std::unique_ptr<H2Relay> NewProxy() {
     ProxyOptions o;
     o.listen = "unix://" + (dir_ / "ignored.sock").string();  // the inherited fd wins
     o.upstream = "unix://" + (dir_ / "up.sock").string();
     o.listen_fd = listen_fd_;
-    return std::make_unique<CriProxy>(o, MakeUpstreamChannel(o.upstream, o.max_message_bytes),
-                                      nullptr, nullptr);
+    return std::make_unique<H2Relay>(o, nullptr, nullptr);
   }
 
   // Version through the proxy's socket on a fresh connection. Default channel arguments: a
@@ -148,7 +147,7 @@ TEST_F(SocketActivationTest, WithoutItACallDuringARestartFails) {
   ProxyOptions o;
   o.listen = "unix://" + (dir_ / "rp.sock").string();
   o.upstream = "unix://" + (dir_ / "up.sock").string();
-  CriProxy proxy(o, MakeUpstreamChannel(o.upstream, o.max_message_bytes), nullptr, nullptr);
+  H2Relay proxy(o, nullptr, nullptr);
   ASSERT_TRUE(proxy.Start().ok());
   proxy.Shutdown(std::chrono::milliseconds(0));
   runtime::v1::VersionResponse v;
