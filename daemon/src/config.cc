@@ -603,7 +603,8 @@ const std::vector<std::string_view> kNoNamespaceKeys = {"policy", "namespace"};
 const std::vector<std::string_view> kNodeKeys = {
     "listen",          "upstream",           "containerdNamespace", "metricsAddress",
     "credentialsFile", "keepMirrorNames",    "mirrorProbe",         "mirrorProbeTimeout",
-    "mirrorCooldown",  "containerdHostsDir", "pullAttemptTimeout",  "pullTimeout"};
+    "mirrorCooldown",  "containerdHostsDir", "pullAttemptTimeout",  "pullTimeout",
+    "mirrorHedgeDelay"};
 
 // "2s", "500ms", "5m", "1h30m", "0": whole numbers with a unit each (ms, s, m, h); "0" alone
 // needs none. At most 24h.
@@ -1277,7 +1278,8 @@ void Loader::NodeSection(const Item& it, NodeSettings& node, Pos& listen_pos, Po
       status = ListenAddress(*s);
       if (status.ok()) node.metrics_address = *s;
     } else if (e.key == "mirrorProbeTimeout" || e.key == "mirrorCooldown" ||
-               e.key == "pullAttemptTimeout" || e.key == "pullTimeout") {
+               e.key == "mirrorHedgeDelay" || e.key == "pullAttemptTimeout" ||
+               e.key == "pullTimeout") {
       auto d = ParseDuration(*s);
       if (!d.ok()) {
         status = d.status();
@@ -1288,6 +1290,7 @@ void Loader::NodeSection(const Item& it, NodeSettings& node, Pos& listen_pos, Po
       } else {
         (e.key == "mirrorProbeTimeout"   ? node.mirror_probe_timeout
          : e.key == "mirrorCooldown"     ? node.mirror_cooldown
+         : e.key == "mirrorHedgeDelay"   ? node.mirror_hedge_delay
          : e.key == "pullAttemptTimeout" ? node.pull_attempt_timeout
                                          : node.pull_timeout) = *d;
       }

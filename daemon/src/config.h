@@ -41,6 +41,9 @@ struct NodeSettings {
   bool mirror_probe = true;
   std::chrono::milliseconds mirror_probe_timeout{2000};
   std::chrono::milliseconds mirror_cooldown{30000};
+  // How long a pull waits for a mirror's probe before passing over it, for this pull, to a
+  // later mirror known alive (mirror_health.h, "Hedging"); 0 = wait for the probe's answer.
+  std::chrono::milliseconds mirror_hedge_delay{400};
   // containerd's registry config_path: the probe reads <host>/hosts.toml there, as containerd.
   std::string containerd_hosts_dir = "/etc/containerd/certs.d";
   // Deadlines the daemon sets itself: per pull handed to containerd, and for the whole

@@ -668,8 +668,8 @@ struct MirrorHealthChecker::Probe {
   bool opened = false, closed = false;
   ProbeResult result;
   std::chrono::nanoseconds duration{0};
-  std::condition_variable cv;
   bool thread_done = false;  // the probe thread (if any) has finished
+  int waiters = 0;           // callers waiting for it; with none, Finish logs the answer
 };
 
 MirrorHealthChecker::MirrorHealthChecker() : MirrorHealthChecker(Options{}) {}
@@ -707,78 +707,130 @@ bool MirrorHealthChecker::IsOpen(const std::string& host) {
   return it != states_.end() && it->second.open && Now() < it->second.open_until;
 }
 
-HealthVerdict MirrorHealthChecker::Check(const std::string& host, const HealthSettings& settings,
-                                         const CallOptions& opts) {
+bool MirrorHealthChecker::NeedsProbe(const std::string& host, const HealthSettings& settings) {
+  State& st = states_[host];
+  const auto now = Now();
+  if (st.open && settings.cooldown.count() > 0 && now < st.open_until) return false;
+  if (!settings.probe) return false;
+  return st.open || now >= st.alive_until;
+}
+
+bool MirrorHealthChecker::KnownAlive(const std::string& host) {
+  auto it = states_.find(host);
+  return it != states_.end() && !it->second.open && Now() < it->second.alive_until;
+}
+
+std::shared_ptr<MirrorHealthChecker::Probe> MirrorHealthChecker::StartProbe(
+    const std::string& host, const HealthSettings& settings, std::unique_lock<std::mutex>& lock) {
+  State& st = states_[host];
+  if (st.probe) return st.probe;
+  auto p = std::make_shared<Probe>();
+  p->host = host;
+  std::string problem;
+  p->target = ResolveProbeTarget(host, settings.hosts_dir, &problem);
+  if (!problem.empty() && logged_problems_.insert(host + "\n" + problem).second) {
+    spdlog::warn("mirror {}: {}", host, problem);
+  }
+  p->started = Now();
+  p->deadline = p->started + settings.probe_timeout;
+  p->cooldown = settings.cooldown;
+  st.probe = p;
+  if (options_.probe_thread && !stopping_) {
+    // The prober's own deadline is real time (it polls sockets).
+    const auto real_deadline = SteadyClock::now() + settings.probe_timeout;
+    Runner runner;
+    runner.probe = p;
+    try {
+      runner.thread = std::thread([this, p, real_deadline] {
+        ProbeResult r = options_.prober(p->target, real_deadline, p->stop);
+        std::lock_guard l(mu_);
+        Finish(p, std::move(r));
+        p->thread_done = true;
+      });
+      runners_.push_back(std::move(runner));
+    } catch (const std::system_error& e) {  // no thread to be had: the mirror gets the doubt
+      Finish(p, ProbeResult{true, 0, std::string("not probed: ") + e.what()});
+    }
+  } else {
+    ++p->waiters;  // the caller: Finish must leave the report to it
+    lock.unlock();
+    ProbeResult r =
+        options_.prober(p->target, SteadyClock::now() + settings.probe_timeout, p->stop);
+    lock.lock();
+    Finish(p, std::move(r));
+    --p->waiters;
+  }
+  return p;
+}
+
+bool MirrorHealthChecker::ProbeInFlight(const std::string& host) {
+  std::lock_guard lock(mu_);
+  auto it = states_.find(host);
+  return it != states_.end() && it->second.probe != nullptr;
+}
+
+HealthVerdict MirrorHealthChecker::Check(const std::string& host,
+                                         const std::vector<std::string>& later,
+                                         const HealthSettings& settings, const CallOptions& opts) {
   HealthVerdict v;
   std::unique_lock lock(mu_);
   ReapThreads();
-  State& st = states_[host];
-  const auto now = Now();
-  if (st.open && settings.cooldown.count() > 0 && now < st.open_until) {
-    v.action = HealthVerdict::Action::kCooldown;
-    v.cooldown_left = std::chrono::ceil<milliseconds>(st.open_until - now);
-    return v;
-  }
-  if (!settings.probe) return v;                   // half-open without a probe: try it
-  if (!st.open && now < st.alive_until) return v;  // alive a moment ago
-
-  std::shared_ptr<Probe> p = st.probe;
-  if (!p) {
-    p = std::make_shared<Probe>();
-    p->host = host;
-    std::string problem;
-    p->target = ResolveProbeTarget(host, settings.hosts_dir, &problem);
-    if (!problem.empty() && logged_problems_.insert(host + "\n" + problem).second) {
-      spdlog::warn("mirror {}: {}", host, problem);
+  {
+    State& st = states_[host];
+    const auto now = Now();
+    if (st.open && settings.cooldown.count() > 0 && now < st.open_until) {
+      v.action = HealthVerdict::Action::kCooldown;
+      v.cooldown_left = std::chrono::ceil<milliseconds>(st.open_until - now);
+      return v;
     }
-    p->started = now;
-    p->deadline = now + settings.probe_timeout;
-    p->cooldown = settings.cooldown;
-    st.probe = p;
-    if (options_.probe_thread && !stopping_) {
-      // The prober's own deadline is real time (it polls sockets).
-      const auto real_deadline = SteadyClock::now() + settings.probe_timeout;
-      Runner runner;
-      runner.probe = p;
-      try {
-        runner.thread = std::thread([this, p, real_deadline] {
-          ProbeResult r = options_.prober(p->target, real_deadline, p->stop);
-          std::lock_guard l(mu_);
-          Finish(p, std::move(r));
-          p->thread_done = true;
-        });
-        runners_.push_back(std::move(runner));
-      } catch (const std::system_error& e) {  // no thread to be had: the mirror gets the doubt
-        Finish(p, ProbeResult{true, 0, std::string("not probed: ") + e.what()});
-      }
-    } else {
-      lock.unlock();
-      ProbeResult r =
-          options_.prober(p->target, SteadyClock::now() + settings.probe_timeout, p->stop);
-      lock.lock();
-      Finish(p, std::move(r));
+  }
+  if (!NeedsProbe(host, settings)) return v;  // probing off, half-open unprobed, or alive
+
+  std::shared_ptr<Probe> p = StartProbe(host, settings, lock);
+  // This one needs a probe, so the later ones may soon be needed: probe them now, in parallel
+  // (inline probing would run them one after another: not then).
+  const bool hedging = settings.hedge_delay.count() > 0 && options_.probe_thread;
+  if (hedging) {
+    for (const std::string& h : later) {
+      if (h != host && NeedsProbe(h, settings)) StartProbe(h, settings, lock);
     }
   }
   // Wait for the probe (ours or the one in flight). Waiters give up on it a little after its
   // deadline even if the prober has not returned (a name lookup cannot be interrupted): it
   // then counts as timed out, and its late answer is dropped.
+  ++p->waiters;
   while (!p->done) {
     if (opts.cancellation && opts.cancellation->cancelled()) {
       v.action = HealthVerdict::Action::kCancelled;
-      return v;
+      break;
     }
     if (std::chrono::system_clock::now() >= opts.deadline) {
       v.action = HealthVerdict::Action::kNoTime;
-      return v;
+      break;
     }
-    if (Now() >= p->deadline + milliseconds(100)) {
+    const auto now = Now();
+    if (now >= p->deadline + milliseconds(100)) {
       Finish(p, ProbeResult{
                     false, 0,
                     "no answer within " + std::to_string(Ms(p->deadline - p->started)) + "ms"});
       break;
     }
-    p->cv.wait_for(lock, milliseconds(20));
+    if (hedging && now >= p->started + settings.hedge_delay) {
+      for (const std::string& h : later) {
+        if (h != host && KnownAlive(h)) {
+          v.action = HealthVerdict::Action::kSlow;
+          v.waited = std::chrono::floor<milliseconds>(now - p->started);
+          v.alive_instead = h;
+          v.target = p->target.Url();
+          break;
+        }
+      }
+      if (v.action == HealthVerdict::Action::kSlow) break;
+    }
+    finished_.wait_for(lock, milliseconds(20));
   }
+  --p->waiters;
+  if (!p->done) return v;  // cancelled, no time or slow: the probe runs on
   v.probed = true;
   v.probe = p->result;
   v.probe_duration = p->duration;
@@ -813,7 +865,19 @@ void MirrorHealthChecker::Finish(const std::shared_ptr<Probe>& p, ProbeResult re
       s.open_until = end + p->cooldown;
     }
   }
-  p->cv.notify_all();
+  if (p->waiters == 0 && !stopping_) {
+    // Nobody will report it (a mirror a pull hedged past, or one probed ahead and not needed).
+    p->reported = true;
+    spdlog::log(p->result.alive ? spdlog::level::info : spdlog::level::warn,
+                "mirror {}: probe {} {} in {}ms: {}", p->host, p->target.Url(),
+                p->result.alive ? "alive" : "DEAD", Ms(p->duration), p->result.detail);
+    if (p->opened) {
+      spdlog::warn("mirror {}: circuit breaker open for {}ms: probe failed", p->host,
+                   p->cooldown.count());
+    }
+    if (p->closed) spdlog::info("mirror {}: circuit breaker closed: probe alive", p->host);
+  }
+  finished_.notify_all();
 }
 
 int MirrorHealthChecker::Report(const std::string& host, bool ok, bool down,

@@ -15,6 +15,26 @@
 // Probes are single-flight per mirror (concurrent pulls wait for the probe in progress) and an
 // "alive" answer is reused for `alive_ttl` (a burst of pulls costs one probe).
 //
+// Hedging (settings.hedge_delay, node.mirrorHedgeDelay, default 400 ms; 0 = off). A pull asks
+// Check for its mirrors in order, passing each time the mirrors after this one (`later`):
+//  - When this mirror needs a probe, the probes of every `later` mirror that needs one start at
+//    the same moment (single-flight: a fresh answer or a probe in flight costs nothing more).
+//    A mirror that is fresh-alive or in cooldown starts no probes.
+//  - Check waits for this mirror's probe. If it has not answered by hedge_delay after it
+//    started while some later mirror is known alive (its breaker closed and an alive answer
+//    within alive_ttl), the verdict is kSlow: skip it for THIS pull. Until then, and as long as
+//    no later mirror is known alive, it keeps waiting (up to the probe timeout, as without
+//    hedging). So the first mirror in order whose probe answers alive within hedge_delay is the
+//    one tried; a mirror answering after 300 ms with the default 400 ms is still used.
+//  - "Slow" is not "dead": the skipped mirror's probe keeps running to its own timeout and only
+//    its answer moves its breaker (alive: reused for the next pulls; dead: breaker opens).
+//  - A probe whose answer no caller is waiting for (a hedged-past mirror, or a later mirror's
+//    probe that the pull never needed) is logged by the checker itself when it ends, as the
+//    pull service logs the others ("mirror H: probe URL alive|DEAD in Nms: detail").
+// Upstream is never probed, so it never counts as "known alive": with one mirror and upstream
+// behind it, a black-holed mirror still costs the probe timeout (upstream is the last resort).
+// Worst case with hedging, a black-holed first mirror costs a pull about hedge_delay.
+//
 // Breaker: a failed probe, or an attempt that failed in a way that says the mirror is down
 // (AttemptSaysDown), opens the mirror's breaker for `cooldown`: while open the mirror is
 // skipped without probing. After the cooldown the next pull probes again (half-open): alive
@@ -51,6 +71,9 @@ struct HealthSettings {
   std::chrono::milliseconds probe_timeout{2000};      // node.mirrorProbeTimeout
   std::chrono::milliseconds cooldown{30000};          // node.mirrorCooldown; 0 = no breaker
   std::string hosts_dir = "/etc/containerd/certs.d";  // node.containerdHostsDir
+  // node.mirrorHedgeDelay: how long a pull waits for a mirror's probe before passing over it
+  // to a later mirror already known alive (see "Hedging" above); 0 = never pass over.
+  std::chrono::milliseconds hedge_delay{400};
 };
 
 // Where a probe goes.
@@ -108,6 +131,7 @@ struct HealthVerdict {
     kTry,        // hand it to containerd
     kCooldown,   // skip: breaker open
     kDead,       // skip: the probe (this one, or the one waited for) said dead
+    kSlow,       // skip for this pull: no probe answer within hedge_delay, a later one alive
     kCancelled,  // the caller went away while waiting for a probe
     kNoTime,     // the caller's deadline passed while waiting for a probe
   };
@@ -118,6 +142,8 @@ struct HealthVerdict {
   std::chrono::nanoseconds probe_duration{0};
   std::string target;                          // the probe URL, when probed
   std::chrono::milliseconds cooldown_left{0};  // with kCooldown
+  std::chrono::milliseconds waited{0};         // with kSlow: since its probe started
+  std::string alive_instead;                   // with kSlow: the later mirror known alive
   bool breaker_opened = false;                 // this call opened the breaker (a failed probe)
   bool breaker_closed = false;                 // this call closed it (half-open probe alive)
 };
@@ -126,10 +152,11 @@ struct HealthVerdict {
 class MirrorHealth {
  public:
   virtual ~MirrorHealth() = default;
-  // Before an attempt at mirror `host` (host[:port]). Blocks at most for one probe (bounded by
-  // settings.probe_timeout), less when the caller's deadline passes or it cancels.
-  virtual HealthVerdict Check(const std::string& host, const HealthSettings& settings,
-                              const CallOptions& opts) = 0;
+  // Before an attempt at mirror `host` (host[:port]); `later`: the pull's mirrors after it, in
+  // order (see "Hedging"). Blocks at most for one probe (bounded by settings.probe_timeout),
+  // less when the caller's deadline passes, it cancels, or a later mirror wins the hedge.
+  virtual HealthVerdict Check(const std::string& host, const std::vector<std::string>& later,
+                              const HealthSettings& settings, const CallOptions& opts) = 0;
   // After an attempt at `host`: ok, or failed and `down` (see AttemptSaysDown), or failed for
   // another reason. Returns +1 when this opened the breaker, -1 when it closed it, else 0.
   virtual int Report(const std::string& host, bool ok, bool down,
@@ -152,12 +179,14 @@ class MirrorHealthChecker final : public MirrorHealth {
   MirrorHealthChecker(const MirrorHealthChecker&) = delete;
   MirrorHealthChecker& operator=(const MirrorHealthChecker&) = delete;
 
-  HealthVerdict Check(const std::string& host, const HealthSettings& settings,
-                      const CallOptions& opts) override;
+  HealthVerdict Check(const std::string& host, const std::vector<std::string>& later,
+                      const HealthSettings& settings, const CallOptions& opts) override;
   int Report(const std::string& host, bool ok, bool down, const HealthSettings& settings) override;
 
   // For tests and logs: whether host's breaker is open now.
   bool IsOpen(const std::string& host);
+  // For tests: whether a probe of host is running (its answer not yet recorded).
+  bool ProbeInFlight(const std::string& host);
 
  private:
   struct Probe;  // one probe in flight, shared by its waiters
@@ -168,6 +197,15 @@ class MirrorHealthChecker final : public MirrorHealth {
     std::shared_ptr<Probe> probe;                         // in flight, or null
   };
   std::chrono::steady_clock::time_point Now() const { return options_.now(); }
+  // host's probe in flight, or a new one started now (on its thread, or inline when
+  // !options_.probe_thread: then it has finished on return). mu_ held (released inline).
+  std::shared_ptr<Probe> StartProbe(const std::string& host, const HealthSettings& settings,
+                                    std::unique_lock<std::mutex>& lock);
+  // Whether host needs a probe before it is tried: probing on, breaker not open in cooldown,
+  // no alive answer within alive_ttl. mu_ held.
+  bool NeedsProbe(const std::string& host, const HealthSettings& settings);
+  // Breaker closed and an alive answer within alive_ttl. mu_ held.
+  bool KnownAlive(const std::string& host);
   void ReapThreads();  // joins finished probe threads; mu_ held
   // Records a probe's answer (once; a late one is dropped), moves the breaker, wakes the
   // waiters. mu_ held.
@@ -176,6 +214,7 @@ class MirrorHealthChecker final : public MirrorHealth {
   Options options_;
   std::mutex mu_;
   std::map<std::string, State> states_;  // guarded by mu_
+  std::condition_variable finished_;     // notified (with mu_) whenever a probe finishes
   struct Runner {
     std::thread thread;
     std::shared_ptr<Probe> probe;

@@ -48,7 +48,8 @@ NodeMetrics::NodeMetrics(Registry* r, Options options)
       skipped_(r->AddCounter(
           "registry_proxy_mirror_skipped_total",
           "Mirror candidates not handed to containerd, by mirror and reason (cooldown: its "
-          "circuit breaker is open; probe_failed; no_time: the pull's deadline ran out).",
+          "circuit breaker is open; probe_failed; no_time: the pull's deadline ran out; slow: no "
+          "probe answer within the hedge delay while a later mirror was alive).",
           {"mirror", "reason"})),
       probes_(r->AddCounter("registry_proxy_mirror_probes_total",
                             "Mirror liveness probes, by mirror and result (alive, dead).",

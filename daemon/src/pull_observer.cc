@@ -28,6 +28,8 @@ std::string_view SkipReasonName(SkipReason r) {
       return "probe_failed";
     case SkipReason::kNoTime:
       return "no_time";
+    case SkipReason::kSlow:
+      return "slow";
   }
   return "unknown";
 }

@@ -38,9 +38,10 @@ enum class SkipReason {
   kCooldown,     // its circuit breaker is open (it failed recently)
   kProbeFailed,  // the liveness probe just failed
   kNoTime,       // the overall pull deadline left no time for it
+  kSlow,         // its probe had not answered within the hedge delay, a later mirror alive
 };
 
-std::string_view SkipReasonName(SkipReason r);  // "cooldown", "probe_failed", "no_time"
+std::string_view SkipReasonName(SkipReason r);  // "cooldown", "probe_failed", "no_time", "slow"
 
 class PullObserver {
  public:

@@ -235,7 +235,7 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
   tally->rule = d.rule ? d.rule->match : "";
   const NodeSettings& node = config->node;
   const HealthSettings health{node.mirror_probe, node.mirror_probe_timeout, node.mirror_cooldown,
-                              node.containerd_hosts_dir};
+                              node.containerd_hosts_dir, node.mirror_hedge_delay};
   // The whole call's deadline: the caller's, or node.pullTimeout from now when sooner.
   using SysClock = std::chrono::system_clock;
   const SysClock::time_point none = SysClock::time_point::max();
@@ -361,7 +361,11 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
     // Is the mirror worth handing to containerd? (Cheap unless a probe is due.)
     if (options_.health) {
       const std::string& key = c.mirror->domain;
-      HealthVerdict hv = options_.health->Check(key, health, aopts);
+      std::vector<std::string> later;  // for hedging: the mirrors after this one, in order
+      for (size_t j = i + 1; j < n; ++j) {
+        if (!d.candidates[j].upstream) later.push_back(d.candidates[j].mirror->domain);
+      }
+      HealthVerdict hv = options_.health->Check(key, later, health, aopts);
       if (hv.ran_probe) {
         spdlog::log(hv.probe.alive ? spdlog::level::info : spdlog::level::warn,
                     "mirror {}: probe {} {} in {}ms: {}", c.mirror->host, hv.target,
@@ -392,6 +396,12 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
         case HealthVerdict::Action::kDead:
           reason = SkipReason::kProbeFailed;
           skip = "probe " + hv.target + " failed: " + hv.probe.detail;
+          break;
+        case HealthVerdict::Action::kSlow:
+          reason = SkipReason::kSlow;
+          skip = "slow: probe " + hv.target + " has not answered in " +
+                 std::to_string(hv.waited.count()) + "ms and mirror " + hv.alive_instead +
+                 " is alive (for this pull only; the probe goes on)";
           break;
         case HealthVerdict::Action::kNoTime:
           reason = SkipReason::kNoTime;

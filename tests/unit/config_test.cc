@@ -743,6 +743,7 @@ TEST(ConfigNode, FailoverSettingsDefaultsAndDurations) {
   EXPECT_TRUE(d.mirror_probe);
   EXPECT_EQ(d.mirror_probe_timeout, std::chrono::milliseconds(2000));
   EXPECT_EQ(d.mirror_cooldown, std::chrono::milliseconds(30000));
+  EXPECT_EQ(d.mirror_hedge_delay, std::chrono::milliseconds(400));
   EXPECT_EQ(d.containerd_hosts_dir, "/etc/containerd/certs.d");
   EXPECT_EQ(d.pull_attempt_timeout, std::chrono::milliseconds(0));
   EXPECT_EQ(d.pull_timeout, std::chrono::milliseconds(0));
@@ -751,6 +752,7 @@ TEST(ConfigNode, FailoverSettingsDefaultsAndDurations) {
   mirrorProbe: false
   mirrorProbeTimeout: 500ms
   mirrorCooldown: 1m30s
+  mirrorHedgeDelay: 250ms
   containerdHostsDir: /run/containerd/certs.d
   pullAttemptTimeout: 5m
   pullTimeout: "1h"
@@ -760,13 +762,16 @@ TEST(ConfigNode, FailoverSettingsDefaultsAndDurations) {
   EXPECT_FALSE(n.mirror_probe);
   EXPECT_EQ(n.mirror_probe_timeout, std::chrono::milliseconds(500));
   EXPECT_EQ(n.mirror_cooldown, std::chrono::milliseconds(90000));
+  EXPECT_EQ(n.mirror_hedge_delay, std::chrono::milliseconds(250));
   EXPECT_EQ(n.containerd_hosts_dir, "/run/containerd/certs.d");
   EXPECT_EQ(n.pull_attempt_timeout, std::chrono::minutes(5));
   EXPECT_EQ(n.pull_timeout, std::chrono::hours(1));
   ConfigLoad zero =
-      Parse("node:\n  mirrorCooldown: 0\n  pullTimeout: \"0\"\n  containerdHostsDir: \"\"\n");
+      Parse("node:\n  mirrorCooldown: 0\n  pullTimeout: \"0\"\n  containerdHostsDir: \"\"\n"
+            "  mirrorHedgeDelay: 0\n");
   ASSERT_TRUE(zero.ok()) << zero.ErrorText();
   EXPECT_EQ(zero.config->node.mirror_cooldown, std::chrono::milliseconds(0));
+  EXPECT_EQ(zero.config->node.mirror_hedge_delay, std::chrono::milliseconds(0));
   EXPECT_EQ(zero.config->node.containerd_hosts_dir, "");
 }
 
@@ -791,6 +796,8 @@ TEST(ConfigErrors, BadFailoverSettings) {
                          "node.pullTimeout", "duration"))
         << bad;
   }
+  EXPECT_TRUE(HasError(Parse("node:\n  mirrorHedgeDelay: 400\n"), 2, 21, "node.mirrorHedgeDelay",
+                       "duration '400' has no unit"));
   EXPECT_TRUE(HasError(Parse("node: {mirrorProbeTimout: 1s}\n"), 1, 8, "node.mirrorProbeTimout",
                        "did you mean 'mirrorProbeTimeout'"));
 }

@@ -1128,14 +1128,16 @@ class FakeHealth final : public MirrorHealth {
  public:
   std::map<std::string, HealthVerdict> verdicts;  // host -> answer (default: try)
   std::vector<std::string> checks, reports;
+  std::vector<std::vector<std::string>> laters;  // the `later` list of each Check
   HealthSettings last_settings;
   CallOptions last_opts;
   std::function<void()> during_check;
   int report_answer = 0;
 
-  HealthVerdict Check(const std::string& host, const HealthSettings& s,
-                      const CallOptions& opts) override {
+  HealthVerdict Check(const std::string& host, const std::vector<std::string>& later,
+                      const HealthSettings& s, const CallOptions& opts) override {
     checks.push_back(host);
+    laters.push_back(later);
     last_settings = s;
     last_opts = opts;
     if (during_check) during_check();
@@ -1227,6 +1229,38 @@ TEST_F(FailoverTest, DeadMirrorIsSkippedWithoutAnAttemptAndTheNextServes) {
                       "connect: connection refused"),
             std::string::npos)
       << text;
+}
+
+TEST_F(FailoverTest, SlowMirrorIsPassedOverForThisPullWithoutBlame) {
+  HealthVerdict slow;
+  slow.action = HealthVerdict::Action::kSlow;
+  slow.target = "https://m1.example/v2/";
+  slow.waited = milliseconds(400);
+  slow.alive_instead = "m2.example";
+  health_.verdicts["m1.example"] = slow;
+  fake_.Serve("m2.example/library/nginx:latest", kDigest, kId);
+  LogCapture log;
+  InterceptResult r = FPull(Request("nginx", "default"));
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(fake_.pulled_images(), std::vector<std::string>{"m2.example/library/nginx:latest"});
+  // Each Check names the mirrors after it, in order (upstream is not one).
+  EXPECT_EQ(health_.checks, (std::vector<std::string>{"m1.example", "m2.example"}));
+  EXPECT_EQ(health_.laters,
+            (std::vector<std::vector<std::string>>{{"m2.example"}, {}}));
+  EXPECT_EQ(health_.last_settings.hedge_delay, milliseconds(400));  // the default
+  // Slow is not down: nothing is reported for m1, its breaker stays as its probe leaves it.
+  EXPECT_EQ(health_.reports, std::vector<std::string>{"m2.example ok"});
+  EXPECT_EQ(observer_.calls(),
+            (std::vector<std::string>{
+                "skipped m1.example slow",
+                "attempt rule=docker.io/library target=m2.example code=0",
+                "pull outcome=mirror rule=docker.io/library mirror=m2.example code=0 attempts=1"}));
+  EXPECT_NE(log.text().find("attempt 1/3 m1.example/library/nginx:latest (mirror) "
+                            "namespace=default rule=rules[0] (test.yaml:5): skipped: slow: probe "
+                            "https://m1.example/v2/ has not answered in 400ms and mirror "
+                            "m2.example is alive (for this pull only; the probe goes on)"),
+            std::string::npos)
+      << log.text();
 }
 
 TEST_F(FailoverTest, OpenBreakersFallBackToUpstreamWithoutProbing) {
