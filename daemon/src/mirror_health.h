@@ -2,15 +2,12 @@
 // black-holed mirror costs a pull at most one probe timeout instead of the caller's whole
 // deadline (kubelet sets none on PullImage).
 //
-// Probe: HTTP `GET /v2/` of what containerd will actually contact for the mirror host (see
-// ProbeTarget: containerd's hosts.toml in node.containerdHostsDir, else https://host, or
-// http://host for a loopback/localhost host). Any HTTP answer below 500 (200, 401, 404...) =
-// alive; a 5xx, a refused or reset connection, a TLS failure, or no answer within the timeout
-// = dead. The whole probe (name lookup, connect, TLS, request, status line) is bounded by the
-// timeout, a black hole included. Probes send no credentials, so the server certificate is not
-// verified: the probe asks only "does something answer HTTP there", and a mirror with a
-// private CA (configured for containerd in hosts.toml `ca = ...`, which the probe does not
-// read) must not look dead; containerd verifies as configured when it pulls.
+// Probe: HTTP `GET /v2/` of what containerd will actually contact for the mirror host (the
+// first host with pull capability of its hosts.toml in node.containerdHostsDir, else containerd's
+// default; see hosts_toml.h), through the proxy containerd would use (HTTP_PROXY, HTTPS_PROXY,
+// NO_PROXY with Go's rules; see proxy_env.h). Any HTTP answer below 500 = alive; a 5xx, a
+// refused or reset connection, a TLS failure, or no answer within the timeout = dead; the
+// certificate is not verified (see probe.h).
 //
 // Probes are single-flight per mirror (concurrent pulls wait for the probe in progress) and an
 // "alive" answer is reused for `alive_ttl` (a burst of pulls costs one probe).
@@ -59,6 +56,8 @@
 #include <thread>
 #include <vector>
 
+#include "hosts_toml.h"
+#include "probe.h"
 #include "status.h"
 #include "upstream.h"
 
@@ -75,49 +74,6 @@ struct HealthSettings {
   // to a later mirror already known alive (see "Hedging" above); 0 = never pass over.
   std::chrono::milliseconds hedge_delay{400};
 };
-
-// Where a probe goes.
-struct ProbeTarget {
-  std::string scheme;  // "http" or "https"
-  std::string host;    // "m.example:5000" (as in the URL; [v6] in brackets)
-  std::string path;    // "/v2/" (the registry API root, with a trailing slash)
-  std::string source;  // why: "default", "hosts.toml <file> [host.\"...\"]"...
-  std::string Url() const { return scheme + "://" + host + path; }
-};
-
-// What containerd 1.6 contacts first for a registry `host` (host[:port], as in an image
-// reference), given its registry config_path `hosts_dir`:
-//  - the first directory that exists of <dir>/<host with ":port" as "_port_">, <dir>/<host>,
-//    <dir>/_default; in it hosts.toml: the first [host."URL"] table, else (containerd 1.6
-//    rejects a file without [host] tables, "invalid `host` tree") the default;
-//  - the default: https://host, except http://host for localhost and loopback IPs
-//    (remotes/docker/config/hosts.go, ConfigureHosts without DefaultScheme as the CRI plugin
-//    calls it), and https://registry-1.docker.io for docker.io.
-// A URL without a scheme gets https://, as containerd does. `problem` (may be null) receives
-// why a hosts.toml present was not used (malformed: the default is used, as containerd does).
-ProbeTarget ResolveProbeTarget(const std::string& host, const std::string& hosts_dir,
-                               std::string* problem);
-
-// The strict reader of the few hosts.toml keys the probe needs. Exposed for tests.
-struct HostsToml {
-  std::string server;              // "" when absent
-  std::vector<std::string> hosts;  // [host."URL"] tables, in file order
-};
-Result<HostsToml> ParseHostsToml(std::string_view text);
-
-struct ProbeResult {
-  bool alive = false;
-  int http_status = 0;  // 0 when no HTTP answer
-  std::string detail;   // "HTTP 401", "connection refused", "timed out after 2000ms"...
-};
-
-// Runs one probe, bounded by `deadline`, stopping early when `stop` turns true. The default
-// is HttpProbe.
-using Prober = std::function<ProbeResult(const ProbeTarget& target,
-                                         std::chrono::steady_clock::time_point deadline,
-                                         const std::atomic<bool>& stop)>;
-ProbeResult HttpProbe(const ProbeTarget& target, std::chrono::steady_clock::time_point deadline,
-                      const std::atomic<bool>& stop);
 
 // Whether a failed pull attempt at a mirror says the mirror itself is down (opens the
 // breaker), as opposed to the mirror lacking the image or refusing it (NOT_FOUND, 401...).
