@@ -65,7 +65,8 @@ void Configure(CURL* c, const std::string& url, const std::string& proxy, millis
   curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(budget.count()));
   curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(budget.count()));
   curl_easy_setopt(c, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_1_1);
-  curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 0L);  // see probe.h
+  curl_easy_setopt(c, CURLOPT_USERAGENT, "registry-proxy-probe");  // how registries tell probes
+  curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 0L);                 // see probe.h
   curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 0L);
   curl_easy_setopt(c, CURLOPT_SSLVERSION, CURL_SSLVERSION_TLSv1_2);
   curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);

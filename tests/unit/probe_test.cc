@@ -169,6 +169,7 @@ TEST(ProbeTest, AnswersBelow500AreAliveFromThe500sDead) {
   }
   EXPECT_THAT(seen, HasSubstr("GET /v2/ HTTP/1.1\r\n"));
   EXPECT_THAT(seen, HasSubstr("Host: 127.0.0.1:"));
+  EXPECT_THAT(seen, HasSubstr("User-Agent: registry-proxy-probe\r\n"));
   EXPECT_THAT(seen, testing::Not(HasSubstr("Authorization")));
   LoopbackServer failing([](int fd) {
     ReadRequest(fd);
