@@ -9,52 +9,12 @@
 namespace registry_proxy {
 namespace {
 
-bool IsDigit(char c) { return c >= '0' && c <= '9'; }
-
 using SteadyClock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
 int64_t Ms(SteadyClock::duration d) { return std::chrono::duration_cast<milliseconds>(d).count(); }
 
 }  // namespace
-
-bool AttemptSaysDown(const grpc::Status& s, bool attempt_deadline_hit) {
-  if (s.ok()) return false;
-  if (attempt_deadline_hit) return true;
-  // containerd's CRI reports registry failures as UNKNOWN with Go's error text (NOT_FOUND when
-  // the mirror answered "manifest unknown": it is up, it just lacks the image). UNAVAILABLE
-  // and other codes come from the channel to containerd itself, not from the mirror.
-  if (s.error_code() != grpc::StatusCode::UNKNOWN) return false;
-  static const char* const kDown[] = {
-      "connect: connection refused",
-      "connection reset by peer",
-      "i/o timeout",
-      "no such host",
-      "network is unreachable",
-      "no route to host",
-      "connection timed out",
-      "tls handshake timeout",
-      "server misbehaving",
-      ": EOF",
-      "broken pipe",
-  };
-  const std::string& msg = s.error_message();
-  for (const char* k : kDown) {
-    if (msg.find(k) != std::string::npos) return true;
-  }
-  // "... failed with status code [manifests latest]: 503 Service Unavailable"
-  for (size_t at = msg.find("status code"); at != std::string::npos;
-       at = msg.find("status code", at + 1)) {
-    const size_t colon = msg.find(':', at);
-    if (colon == std::string::npos) break;
-    // ": 5xx "
-    if (colon + 6 <= msg.size() && msg[colon + 1] == ' ' && msg[colon + 2] == '5' &&
-        IsDigit(msg[colon + 3]) && IsDigit(msg[colon + 4]) && msg[colon + 5] == ' ') {
-      return true;
-    }
-  }
-  return false;
-}
 
 // ---------------------------------------------------------------------------------------------
 // The checker

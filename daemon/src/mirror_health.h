@@ -33,8 +33,8 @@
 // Worst case with hedging, a black-holed first mirror costs a pull about hedge_delay.
 //
 // Breaker: a failed probe, or an attempt that failed in a way that says the mirror is down
-// (AttemptSaysDown), opens the mirror's breaker for `cooldown`: while open the mirror is
-// skipped without probing. After the cooldown the next pull probes again (half-open): alive
+// (ClassifyAttempt, attempt_error.h), opens the mirror's breaker for `cooldown`: while open the
+// mirror is skipped without probing. After the cooldown the next pull probes again (half-open): alive
 // closes it, dead opens it for another cooldown.
 //
 // Thread safety: every public method may be called from any number of threads.
@@ -75,11 +75,6 @@ struct HealthSettings {
   std::chrono::milliseconds hedge_delay{400};
 };
 
-// Whether a failed pull attempt at a mirror says the mirror itself is down (opens the
-// breaker), as opposed to the mirror lacking the image or refusing it (NOT_FOUND, 401...).
-// `attempt_deadline_hit`: the attempt ran into the daemon's own attempt deadline.
-bool AttemptSaysDown(const grpc::Status& s, bool attempt_deadline_hit);
-
 // What the pull service must do with a mirror, and what happened on the way (for the log
 // and the PullObserver).
 struct HealthVerdict {
@@ -113,7 +108,7 @@ class MirrorHealth {
   // less when the caller's deadline passes, it cancels, or a later mirror wins the hedge.
   virtual HealthVerdict Check(const std::string& host, const std::vector<std::string>& later,
                               const HealthSettings& settings, const CallOptions& opts) = 0;
-  // After an attempt at `host`: ok, or failed and `down` (see AttemptSaysDown), or failed for
+  // After an attempt at `host`: ok, or failed and `down` (ClassifyAttempt), or failed for
   // another reason. Returns +1 when this opened the breaker, -1 when it closed it, else 0.
   virtual int Report(const std::string& host, bool ok, bool down,
                      const HealthSettings& settings) = 0;

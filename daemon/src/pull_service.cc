@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "attempt_error.h"
 #include "config_store.h"
 #include "grpc_status.h"
 #include "policy.h"
@@ -53,6 +54,36 @@ bool HasAuth(const runtime::v1::PullImageRequest& req) {
   return !a.username().empty() || !a.password().empty() || !a.auth().empty() ||
          !a.server_address().empty() || !a.identity_token().empty() || !a.registry_token().empty();
 }
+
+// What happened at each candidate of a pull, for the caller's message.
+class CandidateSteps {
+ public:
+  // brief: "down (connection refused)"; is_last: this step's error is now the call's (shown
+  // whole, unless brief_is_whole: a skip's brief says all).
+  void Add(std::string where, std::string brief, bool is_last, bool brief_is_whole = false) {
+    if (is_last) {
+      last_ = steps_.size();
+      last_brief_ = brief_is_whole;
+    }
+    steps_.push_back({std::move(where), std::move(brief)});
+  }
+  // One step: its error unchanged. More: "mirror m1: down (...); upstream docker.io: <error>".
+  std::string Message(const std::string& last_error) const {
+    if (steps_.size() <= 1 || last_ >= steps_.size()) return last_error;
+    std::string out;
+    for (size_t i = 0; i < steps_.size(); ++i) {
+      out += StrCat({i ? "; " : "", steps_[i].first, ": ",
+                     i == last_ && !last_brief_ ? std::string_view(last_error)
+                                                : std::string_view(steps_[i].second)});
+    }
+    return out;
+  }
+
+ private:
+  std::vector<std::pair<std::string, std::string>> steps_;
+  size_t last_ = SIZE_MAX;
+  bool last_brief_ = false;
+};
 
 bool Cancelled(const CallOptions& opts) {
   return opts.cancellation != nullptr && opts.cancellation->cancelled();
@@ -133,13 +164,58 @@ void PullService::DropMirrorNames(const std::string& mirror_name, std::vector<st
 }
 
 void PullService::DeleteRecord(const std::string& name) {
-  if (grpc::Status ds = records_->Delete(name); !ds.ok()) {
+  grpc::Status ds = records_->Delete(name);
+  if (!ds.ok() && ds.error_code() != grpc::StatusCode::NOT_FOUND) {  // gone already: fine
     // Harmless for pulls (the original names exist); the mirror name just stays visible.
     spdlog::warn("cannot remove the mirror record {}: {}", name, Outcome(ds));
   }
 }
 
-PullService::~PullService() { late_drops_.CloseAndWait(); }
+PullService::~PullService() {
+  {
+    std::lock_guard lock(linger_mu_);
+    stopping_ = true;  // what still lingers is dropped now, not left behind
+  }
+  linger_cv_.notify_all();
+  late_drops_.CloseAndWait();
+}
+
+void PullService::DropLater(const std::string& mirror_name, std::vector<std::string> names) {
+  {
+    std::lock_guard lock(linger_mu_);
+    Lingering& l = lingering_[mirror_name];
+    l.due = std::chrono::steady_clock::now() + options_.mirror_name_linger;
+    for (std::string& n : names) {
+      if (std::find(l.names.begin(), l.names.end(), n) == l.names.end()) l.names.push_back(n);
+    }
+    if (linger_worker_) return;  // it sees the new entry when it next wakes
+    linger_worker_ = late_drops_.Start([this] { DropWhenDue(); });
+    if (linger_worker_) return;
+    names = std::move(l.names);  // no thread to be had: drop now
+    lingering_.erase(mirror_name);
+  }
+  DropMirrorNames(mirror_name, std::move(names));
+}
+
+void PullService::DropWhenDue() {
+  std::unique_lock lock(linger_mu_);
+  while (!lingering_.empty()) {
+    auto next = std::min_element(lingering_.begin(), lingering_.end(), [](auto& a, auto& b) {
+      return a.second.due < b.second.due;
+    });
+    if (!stopping_ && std::chrono::steady_clock::now() < next->second.due) {
+      linger_cv_.wait_until(lock, next->second.due);
+      continue;  // an entry may have moved or come
+    }
+    std::string mirror_name = next->first;
+    std::vector<std::string> names = std::move(next->second.names);
+    lingering_.erase(next);
+    lock.unlock();
+    DropMirrorNames(mirror_name, std::move(names));
+    lock.lock();
+  }
+  linger_worker_ = false;
+}
 
 std::mutex& PullService::AliasLock(const std::string& name) {
   return alias_locks_[std::hash<std::string>{}(name) % alias_locks_.size()];
@@ -258,6 +334,9 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
     all_down = all_down && down;
     what_failed += StrCat({what_failed.empty() ? "" : "; ", where, ": ", why});
   };
+  // For the caller's message: what happened at each candidate, briefly ("mirror m1: down
+  // (connection refused)"); the step whose error is `last` gets that error's whole message.
+  CandidateSteps steps;
   for (size_t i = 0; i < n; ++i) {
     const Candidate& c = d.candidates[i];
     if (Cancelled(opts)) return cancelled();
@@ -315,10 +394,12 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
         tally->outcome = PullOutcome::kFallback;  // every mirror failed or was skipped
         return r;
       }
-      failed_at("upstream", Outcome(r.status),
-                AttemptSaysDown(r.status, own_deadline_hit(r.status)));
+      const AttemptVerdict verdict =
+          ClassifyAttempt(r.status, own_deadline_hit(r.status), Cancelled(opts));
+      failed_at("upstream", Outcome(r.status), verdict.cls == AttemptClass::kMirrorDown);
       last = r.status;
       if (Cancelled(opts)) return cancelled();
+      steps.Add("upstream " + d.original->domain, DescribeAttempt(verdict), true);
       continue;
     }
 
@@ -354,6 +435,7 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
         attempted = true;
         log_attempt(last, false);
         failed_at(c.mirror->host, "needs credentials", false);
+        steps.Add("mirror " + c.mirror->host, "needs credentials", true);
         continue;
       }
     }
@@ -413,10 +495,15 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
                      log.image, i + 1, n, c.image, log.ns, log.rule, skip);
         if (obs) obs->OnMirrorSkipped(c.mirror->host, reason);
         failed_at(c.mirror->host, "skipped: " + skip, reason != SkipReason::kNoTime);
-        if (!attempted) {
-          last = grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                              "registry-proxy: mirror " + c.mirror->host + " skipped: " + skip);
+        // Out of time: what containerd answers a pull whose deadline passed (critest checks it).
+        const bool no_time = reason == SkipReason::kNoTime;
+        if (!attempted || no_time) {
+          last = grpc::Status(
+              no_time ? grpc::StatusCode::DEADLINE_EXCEEDED : grpc::StatusCode::UNAVAILABLE,
+              "registry-proxy: mirror " + c.mirror->host + " skipped: " + skip);
         }
+        steps.Add("mirror " + c.mirror->host, "skipped (" + skip + ")", !attempted || no_time,
+                  true);
         continue;
       }
     }
@@ -431,8 +518,11 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
     }
     log_attempt(s, with_auth);
     count_attempt(s);
-    if (options_.health && !(Cancelled(opts) && !s.ok())) {
-      const bool down = !s.ok() && AttemptSaysDown(s, own_deadline_hit(s));
+    const AttemptVerdict verdict = ClassifyAttempt(s, own_deadline_hit(s), Cancelled(opts));
+    // containerd's own failure, or a caller gone: nothing to say about the mirror.
+    if (options_.health && !(Cancelled(opts) && !s.ok()) &&
+        verdict.cls != AttemptClass::kContainerdFailed) {
+      const bool down = verdict.cls == AttemptClass::kMirrorDown;
       const int change = options_.health->Report(c.mirror->domain, s.ok(), down, health);
       if (change > 0) {
         spdlog::warn("mirror {}: circuit breaker open for {}ms: {}", c.mirror->host,
@@ -445,7 +535,14 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
     if (!s.ok()) {
       last = s;
       if (Cancelled(opts)) return cancelled();
-      failed_at(c.mirror->host, Outcome(s), AttemptSaysDown(s, own_deadline_hit(s)));
+      failed_at(c.mirror->host, Outcome(s), verdict.cls == AttemptClass::kMirrorDown);
+      steps.Add("mirror " + c.mirror->host, DescribeAttempt(verdict), true);
+      if (verdict.cls == AttemptClass::kContainerdFailed) {
+        // No other candidate can do better, and none is to blame: stop here.
+        spdlog::warn("pull {}: containerd itself failed ({}); no further candidate tried",
+                     log.image, verdict.detail);
+        break;
+      }
       continue;
     }
     tally->outcome = PullOutcome::kMirror;
@@ -491,9 +588,11 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
       return *stale;
     }
   }
-  // kubelet parses pull error messages: the last failure goes back exactly as it came.
+  // The last failure's code; its message whole, after what happened at the other candidates.
   tally->outcome = PullOutcome::kFailed;
-  return {last, ""};
+  return {grpc::Status(last.error_code(), steps.Message(last.error_message()),
+                       last.error_details()),
+          ""};
 }
 
 // staleIfError: every candidate was down; if the requested reference is on the node, answer
@@ -595,12 +694,9 @@ PullService::AliasResult PullService::Alias(const Config& config, const Referenc
     drop.push_back(std::move(name));
   }
   if (already) {
-    // Nothing else to wait for: answer now, drop containerd's new mirror names a moment later
-    // (at once here when no thread can be had).
-    auto job = std::make_shared<std::vector<std::string>>(drop);
-    if (late_drops_.Start([this, mirror_name, job] { DropMirrorNames(mirror_name, *job); })) {
-      return done;
-    }
+    // Nothing else to wait for: answer now, drop containerd's new mirror names later.
+    DropLater(mirror_name, std::move(drop));
+    return done;
   }
   DropMirrorNames(mirror_name, std::move(drop));
   return done;

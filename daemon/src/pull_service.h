@@ -24,7 +24,9 @@
 
 #include <array>
 #include <chrono>
+#include <condition_variable>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -54,6 +56,14 @@ struct PullServiceOptions {
   // of new records through events: median 0.5 ms, at most ~10 ms measured). Polls back off
   // 1, 2, 4, ... ms. When it runs out the pull still succeeds (see pull_service.cc).
   std::chrono::milliseconds alias_wait{2000};
+
+  // After a re-pull of a present image, containerd's new mirror names stay this long after
+  // the last pull that made them before they are dropped. containerd's pull of a name that
+  // exists with the same target writes nothing; one that must create it writes its database
+  // (two synced commits per name). So a burst of re-pulls (a rollout, a scale-up, kubelet's
+  // credential re-checks) costs containerd the writes once, not per pull; meanwhile `crictl
+  // images` also shows the mirror names. 0: dropped at once, after the answer.
+  std::chrono::milliseconds mirror_name_linger{3000};
 
   // Seams for tests. Defaults: std::chrono::steady_clock::now, std::this_thread::sleep_for.
   std::function<std::chrono::steady_clock::time_point()> now;
@@ -147,7 +157,19 @@ class PullService final : public ImageInterceptor {
   std::mutex mirror_pulls_mu_;  // held while dropping names, so no pull starts meanwhile
   std::unordered_map<std::string, MirrorPulls> mirror_pulls_;  // guarded by mirror_pulls_mu_
   // A re-pull of a present image answers before containerd's new mirror names are dropped
-  // (each delete is a containerd database write): the drop runs here, a moment later.
+  // (each delete is a containerd database write): they linger (options_.mirror_name_linger)
+  // and one worker on late_drops_ drops them when their time is up.
+  struct Lingering {
+    std::chrono::steady_clock::time_point due;
+    std::vector<std::string> names;
+  };
+  void DropLater(const std::string& mirror_name, std::vector<std::string> names);
+  void DropWhenDue();  // the worker: runs until nothing lingers
+  std::mutex linger_mu_;
+  std::condition_variable linger_cv_;
+  std::map<std::string, Lingering> lingering_;  // guarded by linger_mu_
+  bool linger_worker_ = false;                  // guarded by linger_mu_
+  bool stopping_ = false;                       // guarded by linger_mu_: drop all now
   WorkerThreads late_drops_{8};
 };
 

@@ -1,5 +1,6 @@
 // Threads for work that blocks (a pull, a status repair), one per job and at most `max` at
-// once, so that no such job ever waits behind another. Shared by both serving engines.
+// once, so that no such job ever waits behind another (the relay's intercepted calls, the pull
+// service's late work).
 #pragma once
 
 #include <condition_variable>

@@ -405,10 +405,16 @@ TEST_F(ShimTest, ConcurrentPullsAndStatusCallsAllSucceed) {
   EXPECT_TRUE(failures.empty()) << failures.size() << " calls failed, e.g.\n" << Summary(failures);
 
   // Served by the mirror, and the node names each image as upstream would: no mirror name is
-  // left behind by pulls that aliased the same image concurrently.
+  // left behind by pulls that aliased the same image concurrently (those of pulls that found
+  // the image already named linger 3 s first: PullServiceOptions::mirror_name_linger).
   std::vector<std::string> mirror_names;
-  for (const std::string& name : AllNames()) {
-    if (name.starts_with(bed->mirror1->host() + "/" + base)) mirror_names.push_back(name);
+  for (auto until = std::chrono::steady_clock::now() + 15s;;) {
+    mirror_names.clear();
+    for (const std::string& name : AllNames()) {
+      if (name.starts_with(bed->mirror1->host() + "/" + base)) mirror_names.push_back(name);
+    }
+    if (mirror_names.empty() || std::chrono::steady_clock::now() > until) break;
+    std::this_thread::sleep_for(50ms);
   }
   EXPECT_TRUE(mirror_names.empty()) << Summary(mirror_names);
   for (const std::string& repo : repos) {

@@ -56,8 +56,8 @@ TEST_F(ShimTest, MirrorServesAndNodeLooksAsIfUpstreamHad) {
 }
 
 // kubelet re-pulls present images (imagePullPolicy: Always): the second pull finds the upstream
-// names already pointing at the image, writes none, and drops containerd's new mirror names a
-// moment after answering.
+// names already pointing at the image, writes none, and drops containerd's new mirror names
+// after they lingered (PullServiceOptions::mirror_name_linger).
 TEST_F(ShimTest, RePullOfAPresentImageKeepsItsNamesAndDropsTheMirrorNames) {
   std::string repo = Repo({bed->mirror1});
   StartDaemon(MirrorConfig({bed->mirror1->host()}));
@@ -75,7 +75,7 @@ TEST_F(ShimTest, RePullOfAPresentImageKeepsItsNamesAndDropsTheMirrorNames) {
       n += name.find(bed->mirror1->host()) != std::string::npos;
     return n;
   };
-  const auto until = std::chrono::steady_clock::now() + 5s;
+  const auto until = std::chrono::steady_clock::now() + 15s;  // they linger 3 s
   while (mirror_names() > 0 && std::chrono::steady_clock::now() < until) {
     std::this_thread::sleep_for(20ms);
   }

@@ -116,8 +116,9 @@ ContainerdBuild FindContainerdUnderTest() {
   b.bin_dir = dir && *dir ? dir : FetchedContainerd(want);
   const char* fetch_error = std::getenv("RP_CONTAINERD_FETCH_ERROR");
   if (b.bin_dir.empty()) {
-    b.problem = std::string("containerd ") + want + " not fetched (scripts/fetch-deb.sh containerd " +
-                want + (fetch_error && *fetch_error ? ": " + std::string(fetch_error) : "") + ")";
+    b.problem = std::string("containerd ") + want +
+                " not fetched (scripts/fetch-deb.sh containerd " + want +
+                (fetch_error && *fetch_error ? ": " + std::string(fetch_error) : "") + ")";
     return b;
   }
   b.version = ContainerdVersionOf(b.bin_dir + "/containerd");

@@ -29,51 +29,6 @@ using testing::HasSubstr;
 using Action = HealthVerdict::Action;
 
 // ---------------------------------------------------------------------------------------------
-// Reading attempt errors (messages as containerd 1.6.20 returned them in the testbed)
-
-TEST(AttemptSaysDownTest, NetworkAndServerErrorsAreDownMissingImagesAreNot) {
-  const grpc::StatusCode kUnknown = grpc::StatusCode::UNKNOWN;
-  const std::string pre =
-      "failed to pull and unpack image \"127.0.0.1:9/library/busybox:latest\": failed to resolve "
-      "reference \"127.0.0.1:9/library/busybox:latest\": ";
-  EXPECT_TRUE(AttemptSaysDown(
-      grpc::Status(kUnknown, pre + "failed to do request: Head \"http://127.0.0.1:9/v2/library/"
-                                   "busybox/manifests/latest\": dial tcp 127.0.0.1:9: connect: "
-                                   "connection refused"),
-      false));
-  EXPECT_TRUE(AttemptSaysDown(
-      grpc::Status(kUnknown, pre + "failed to do request: Head \"http://127.0.0.1:18501/v2/x\": "
-                                   "read tcp 127.0.0.1:58682->127.0.0.1:18501: read: connection "
-                                   "reset by peer"),
-      false));
-  EXPECT_TRUE(AttemptSaysDown(
-      grpc::Status(kUnknown, pre + "pulling from host 127.0.0.1:18500 failed with status code "
-                                   "[manifests latest]: 500 Internal Server Error"),
-      false));
-  EXPECT_TRUE(AttemptSaysDown(
-      grpc::Status(kUnknown, pre + "failed with status code [manifests latest]: 503 Service "
-                                   "Unavailable"),
-      false));
-  // The mirror answered: it lacks the image, or refuses us.
-  EXPECT_FALSE(
-      AttemptSaysDown(grpc::Status(grpc::StatusCode::NOT_FOUND,
-                                   pre + "127.0.0.1:47039/library/nothere:latest: not found"),
-                      false));
-  EXPECT_FALSE(AttemptSaysDown(
-      grpc::Status(kUnknown, pre + "pulling from host m.example failed with status code "
-                                   "[manifests latest]: 401 Unauthorized"),
-      false));
-  // Our own attempt deadline: down. The caller's deadline, or containerd itself away: not.
-  EXPECT_TRUE(AttemptSaysDown(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "x"), true));
-  EXPECT_FALSE(AttemptSaysDown(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "x"), false));
-  EXPECT_FALSE(AttemptSaysDown(grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                            "connect: connection "
-                                            "refused"),
-                               false));
-  EXPECT_FALSE(AttemptSaysDown(grpc::Status::OK, true));
-}
-
-// ---------------------------------------------------------------------------------------------
 // The checker, with a fake prober and a fake clock (probes inline: deterministic)
 
 class CheckerTest : public testing::Test {

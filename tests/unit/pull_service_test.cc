@@ -29,6 +29,10 @@ namespace {
 
 using std::chrono::milliseconds;
 
+bool EndsWith(const std::string& s, const std::string& tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
 const std::string kDigest = "sha256:" + std::string(64, 'd');
 const std::string kDigest2 = "sha256:" + std::string(64, 'e');
 const std::string kId = "sha256:" + std::string(64, '1');
@@ -325,6 +329,8 @@ class PullServiceTest : public testing::Test {
  protected:
   PullServiceTest() { SetConfig(kConfig); }
 
+  milliseconds linger_{0};  // PullServiceOptions::mirror_name_linger (real time)
+
   void SetConfig(const std::string& yaml) {
     std::lock_guard l(config_mu_);
     config_ = MustConfig(yaml);
@@ -334,6 +340,7 @@ class PullServiceTest : public testing::Test {
     if (!service_) {
       PullServiceOptions o;
       o.alias_wait = milliseconds(2000);
+      o.mirror_name_linger = linger_;
       o.now = [this] { return std::chrono::steady_clock::time_point(fake_time_.load()); };
       o.sleep = [this](milliseconds d) {
         std::lock_guard l(sleep_mu_);
@@ -459,6 +466,26 @@ TEST_F(PullServiceTest, RePullOfAPresentImageWritesNoRecordAndWaitsForNothing) {
   EXPECT_EQ(fake_.Record("docker.io/library/nginx:latest").target_digest, new_digest);
 }
 
+// Back-to-back re-pulls (a rollout): containerd's mirror names linger, so the later pulls find
+// them in place (containerd writes nothing for them) and they are dropped once, after the last.
+TEST_F(PullServiceTest, MirrorNamesLingerAcrossABurstOfRePullsAndAreDroppedOnce) {
+  linger_ = milliseconds(800);
+  fake_.Serve("m1.example/library/nginx:latest", kDigest, kId);
+  ASSERT_TRUE(Pull(Request("nginx", "default")).status.ok());
+  const std::set<std::string> upstream_names = {"docker.io/library/nginx:latest",
+                                                "docker.io/library/nginx@" + kDigest, kId};
+  ASSERT_EQ(fake_.RecordNames(), upstream_names);  // a first pull drops them before answering
+  const size_t deletes = fake_.deletes().size();
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(Pull(Request("nginx", "default")).status.ok());
+  EXPECT_TRUE(fake_.RecordNames().count("m1.example/library/nginx:latest"))
+      << "dropped before the linger ran out";
+  for (int i = 0; i < 300 && fake_.RecordNames() != upstream_names; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(fake_.RecordNames(), upstream_names);
+  EXPECT_EQ(fake_.deletes().size(), deletes + 2) << "the tag and the digest name, once";
+}
+
 // staleIfError: every candidate down (refused, reset, 5xx, timeout) and the image on the node:
 // kubelet gets the present image (imagePullPolicy: Always keeps pods starting). Never for "not
 // found", an authorization failure, a pull with credentials, or when it is off (the default).
@@ -476,9 +503,12 @@ TEST_F(PullServiceTest, StaleIfErrorAnswersWithThePresentImageOnlyWhenEveryCandi
   fake_.AddImage("docker.io/library/nginx:latest", kDigest, kId);
   all_fail(refused, broken, refused);
 
-  // Off by default: the last error, exactly.
+  // Off by default: the last error's code, and its message whole after the other candidates.
   InterceptResult r = Pull(Request("nginx", "default"));
-  EXPECT_EQ(r.status.error_message(), refused.error_message());
+  EXPECT_EQ(r.status.error_message(),
+            "mirror m1.example: down (connection refused); mirror m2.example: down (503 Service "
+            "Unavailable); upstream docker.io: " +
+                refused.error_message());
 
   SetConfig(std::string(kConfig) + "staleIfError: true\n");
   {
@@ -503,7 +533,8 @@ TEST_F(PullServiceTest, StaleIfErrorAnswersWithThePresentImageOnlyWhenEveryCandi
                             "pull access denied, repository does not exist or may require "
                             "authorization: 401 Unauthorized");
   all_fail(refused, refused, denied);
-  EXPECT_EQ(Pull(Request("nginx", "default")).status.error_message(), denied.error_message());
+  EXPECT_TRUE(EndsWith(Pull(Request("nginx", "default")).status.error_message(),
+                       "; upstream docker.io: " + denied.error_message()));
   // A pull with credentials must reach its registry (KEP-2535 relies on it).
   all_fail(refused, refused, refused);
   runtime::v1::PullImageRequest with = Request("nginx", "default");
@@ -516,7 +547,8 @@ TEST_F(PullServiceTest, StaleIfErrorAnswersWithThePresentImageOnlyWhenEveryCandi
                           "docker.io/library/busybox:latest"}) {
     fake_.Fail(ref, refused);
   }
-  EXPECT_EQ(Pull(Request("busybox", "default")).status.error_message(), refused.error_message());
+  EXPECT_TRUE(EndsWith(Pull(Request("busybox", "default")).status.error_message(),
+                       "; upstream docker.io: " + refused.error_message()));
 }
 
 TEST_F(PullServiceTest, KeepMirrorNamesKeepsThem) {
@@ -559,20 +591,41 @@ TEST_F(PullServiceTest, AllMirrorsFailThenUpstreamWithTheCallersBytes) {
             0u);
 }
 
-TEST_F(PullServiceTest, EverythingFailsReturnsTheLastErrorUnchanged) {
+TEST_F(PullServiceTest, EverythingFailsReturnsTheLastErrorWithWhatHappenedAtEachCandidate) {
   fake_.Fail("m1.example/library/nginx:latest",
-             grpc::Status(grpc::StatusCode::UNAVAILABLE, "m1 down"));
+             grpc::Status(grpc::StatusCode::UNKNOWN, "m1: read: connection reset by peer"));
   fake_.Fail("m2.example/library/nginx:latest",
-             grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "m2 slow"));
+             grpc::Status(grpc::StatusCode::NOT_FOUND, "m2.example/library/nginx: not found"));
   const std::string upstream_msg =
       "failed to pull and unpack image \"docker.io/library/nginx:latest\": failed to resolve "
       "reference: pull access denied, repository does not exist or may require authorization";
   fake_.Fail("nginx", grpc::Status(grpc::StatusCode::NOT_FOUND, upstream_msg));
   InterceptResult r = Pull(Request("nginx", "default"));
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::NOT_FOUND);
-  EXPECT_EQ(r.status.error_message(), upstream_msg);
+  EXPECT_EQ(r.status.error_message(),
+            "mirror m1.example: down (connection reset); mirror m2.example: not found; upstream "
+            "docker.io: " +
+                upstream_msg);
   EXPECT_TRUE(r.response.empty());
   EXPECT_EQ(fake_.pulls().size(), 3u);
+}
+
+TEST_F(PullServiceTest, ContainerdsOwnFailureStopsTheWalkAndBlamesNoMirror) {
+  const std::string disk =
+      "failed to pull and unpack image \"m1.example/library/nginx:latest\": failed to extract "
+      "layer sha256:abc: write /var/lib/containerd/x: no space left on device: unknown";
+  fake_.Fail("m1.example/library/nginx:latest", grpc::Status(grpc::StatusCode::UNKNOWN, disk));
+  fake_.Serve("m2.example/library/nginx:latest", kDigest, kId);  // never asked
+  InterceptResult r = Pull(Request("nginx", "default"));
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNKNOWN);
+  EXPECT_EQ(r.status.error_message(), disk);
+  EXPECT_EQ(fake_.pulled_images(), std::vector<std::string>{"m1.example/library/nginx:latest"});
+  // containerd unreachable: the same.
+  fake_.Fail("m1.example/library/nginx:latest",
+             grpc::Status(grpc::StatusCode::UNAVAILABLE, "failed to connect to all addresses"));
+  r = Pull(Request("nginx", "default"));
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(fake_.pulled_images().size(), 2u);
 }
 
 TEST_F(PullServiceTest, FallbackOffReturnsTheLastMirrorsError) {
@@ -582,7 +635,8 @@ TEST_F(PullServiceTest, FallbackOffReturnsTheLastMirrorsError) {
   fake_.Serve("quay.io/org/app:v1", kDigest, kId);  // never asked
   InterceptResult r = Pull(Request("quay.io/org/app:v1", "default"));
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE);
-  EXPECT_EQ(r.status.error_message(), "q2: dial tcp: connection refused");
+  EXPECT_EQ(r.status.error_message(),
+            "mirror q1.example: failed; mirror q2.example: q2: dial tcp: connection refused");
   EXPECT_EQ(fake_.pulled_images(),
             (std::vector<std::string>{"q1.example/org/app:v1", "q2.example/org/app:v1"}));
 }
@@ -750,7 +804,8 @@ TEST_F(PullServiceTest, MissingMirrorCredentialsSkipTheMirrorWithAClearError) {
   InterceptResult r = Pull(Request("ghcr.io/org/app:v1", "default"));
   // Never pulled anonymously from g1; upstream was the last attempt.
   EXPECT_EQ(fake_.pulled_images(), std::vector<std::string>{"ghcr.io/org/app:v1"});
-  EXPECT_EQ(r.status.error_message(), "upstream down");
+  EXPECT_EQ(r.status.error_message(),
+            "mirror g1.example: needs credentials; upstream ghcr.io: upstream down");
 
   // Without fallback, the skip is the last word.
   SetConfig(
@@ -1310,7 +1365,9 @@ TEST_F(FailoverTest, AttemptErrorsAreReportedDownOnlyWhenTheyMeanTheMirrorIsDown
   health_.report_answer = 1;
   InterceptResult r = FPull(Request("nginx", "default"));
   EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNKNOWN);
-  EXPECT_EQ(r.status.error_message(), "upstream: connection refused");
+  EXPECT_EQ(r.status.error_message(),
+            "mirror m1.example: down (connection refused); mirror m2.example: not found; "
+            "upstream docker.io: upstream: connection refused");
   EXPECT_EQ(health_.reports, (std::vector<std::string>{"m1.example down", "m2.example failed"}));
   EXPECT_EQ(
       observer_.calls(),
