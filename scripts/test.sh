@@ -189,8 +189,10 @@ if has fuzz; then
     mkdir -p "$corpus"
     n=$((n + 1))
     echo "== fuzz $name for ${FUZZ_SECONDS}s"
+    # A crashing input goes to the build directory (libFuzzer's default is the working
+    # directory: the repository root).
     if ! "$f" -max_total_time="$FUZZ_SECONDS" -timeout=10 -rss_limit_mb=1024 -print_final_stats=1 \
-      "$corpus" "$RP_ROOT/tests/fuzz/corpus/$name" > "$BUILD-fuzz/$name.log" 2>&1; then
+      -artifact_prefix="$BUILD-fuzz/$name-" "$corpus" "$RP_ROOT/tests/fuzz/corpus/$name" > "$BUILD-fuzz/$name.log" 2>&1; then
       tail -40 "$BUILD-fuzz/$name.log"
       failed+=("fuzz-$name")
       bad=$((bad + 1))
