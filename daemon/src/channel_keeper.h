@@ -35,7 +35,7 @@ class ChannelKeeper {
 
   // A call through the channel failed as if the peer were gone: drive the channel until it is
   // READY again. Cheap and non-blocking (a flag test while the keeper is already at work), so it
-  // may be called on the proxy's completion-queue thread for every failed call. Thread-safe.
+  // may be called on the relay's event-loop thread for every failed call. Thread-safe.
   void Poke();
 
  private:

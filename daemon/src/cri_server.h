@@ -14,7 +14,7 @@
 
 namespace registry_proxy {
 
-// Told about every finished call (metrics, logs). Called on the completion-queue thread:
+// Told about every finished call (metrics, logs). Called on the relay's event-loop thread:
 // must be cheap and must not block.
 class CallObserver {
  public:
@@ -31,9 +31,6 @@ struct ProxyOptions {
   // Largest message accepted in either direction. containerd and kubelet use 16 MiB; ours is
   // larger so that the limits users meet are theirs, never the proxy's.
   int max_message_bytes = 64 << 20;
-  // Calls the server keeps requested at once (how many new calls can arrive between two
-  // turns of the completion-queue loop).
-  int request_slots = 64;
   // Pull and status-repair workers at once; beyond this a call gets RESOURCE_EXHAUSTED.
   int max_workers = 512;
   // A listening unix socket inherited from systemd (socket activation: registry-proxy.socket)

@@ -28,7 +28,7 @@ class ImageInterceptor {
                                     const CallOptions& opts) = 0;
 
   // ImageStatus: the proxy forwarded the request unchanged and containerd answered OK with
-  // `response`. Called on the proxy's completion-queue thread, so it must be cheap and must
+  // `response`. Called on the relay's event-loop thread, so it must be cheap and must
   // not block: true means "this miss may be repairable" (an image that a mirror could have
   // served is not found under its original name), and the proxy then calls RecoverStatus on
   // a worker thread. False means the response goes to the caller as it is.

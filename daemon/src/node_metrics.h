@@ -17,8 +17,8 @@
 // AddUpstreamStateMetric: upstream_connection_state{state}, read from the channel at scrape
 // time. UpstreamCheck: the node's readiness (containerd answers a CRI Version), cached.
 //
-// Thread safety: every method may be called from any thread. OnCallDone (the proxy's
-// completion-queue thread) is a short uncontended mutex, a hash lookup without allocation and
+// Thread safety: every method may be called from any thread. OnCallDone (the relay's
+// event-loop thread) is a short uncontended mutex, a hash lookup without allocation and
 // a few atomic adds once a method was seen.
 #pragma once
 

@@ -2,8 +2,8 @@
 // One real implementation each talks gRPC over the upstream channel (upstream_grpc.cc);
 // unit tests use fakes.
 //
-// All calls are blocking and run on pull worker threads, never on the proxy's
-// completion-queue thread.
+// All calls are blocking and run on pull worker threads, never on the relay's
+// event-loop thread.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
