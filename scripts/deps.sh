@@ -5,7 +5,7 @@ set -euo pipefail
 RP_BUILD_PKGS=(cmake ninja-build g++ pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libyaml-cpp-dev libspdlog-dev libssl-dev nlohmann-json3-dev libcpp-httplib-dev libnghttp2-dev
-  libcurl4-openssl-dev libtomlplusplus-dev patchelf)
+  libcurl4-openssl-dev libtomlplusplus-dev libsystemd-dev patchelf)
 RP_TEST_PKGS=(libgtest-dev libgmock-dev libbenchmark-dev clang libclang-rt-14-dev
   containerd runc docker-registry umoci skopeo busybox-static openssl curl wrk socat
   systemd systemd-container debootstrap tinyproxy)

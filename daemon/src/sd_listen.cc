@@ -1,46 +1,34 @@
 #include "sd_listen.h"
 
-#include <fcntl.h>
 #include <stdlib.h>
 #include <sys/socket.h>
-#include <unistd.h>
+#include <systemd/sd-daemon.h>
 
-#include <cerrno>
 #include <cstring>
 #include <string>
 
 namespace registry_proxy {
 
 Result<int> SdListenFd() {
-  constexpr int kFirstFd = 3;  // SD_LISTEN_FDS_START
-  const char* pid = getenv("LISTEN_PID");
-  const char* fds = getenv("LISTEN_FDS");
-  if (!pid || !fds) return -1;
-  const std::string pid_s = pid, fds_s = fds;
-  unsetenv("LISTEN_PID");
-  unsetenv("LISTEN_FDS");
-  unsetenv("LISTEN_FDNAMES");
-  if (pid_s != std::to_string(getpid())) return -1;  // meant for another process
-  if (fds_s != "1") {
-    return Status::Error("socket activation: LISTEN_FDS=" + fds_s +
+  const char* fds_env = getenv("LISTEN_FDS");
+  const std::string fds = fds_env ? fds_env : "";
+  // unset_environment 1: LISTEN_* are cleared whatever the answer; the fds get FD_CLOEXEC.
+  const int n = sd_listen_fds(1);
+  if (n < 0) {
+    return Status::Error("socket activation: LISTEN_FDS=" + fds + ": " + std::strerror(-n));
+  }
+  if (n == 0) return -1;  // not activated, or meant for another process (LISTEN_PID)
+  if (n != 1) {
+    return Status::Error("socket activation: LISTEN_FDS=" + std::to_string(n) +
                          "; registry-proxy serves exactly one socket");
   }
-  int type = 0, listening = 0, domain = 0;
-  socklen_t len = sizeof(int);
-  if (getsockopt(kFirstFd, SOL_SOCKET, SO_TYPE, &type, &len) != 0) {
-    return Status::Error(std::string("socket activation: fd 3 is not a socket: ") +
-                         std::strerror(errno));
-  }
-  len = sizeof(int);
-  getsockopt(kFirstFd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len);
-  len = sizeof(int);
-  getsockopt(kFirstFd, SOL_SOCKET, SO_DOMAIN, &domain, &len);
-  if (type != SOCK_STREAM || !listening || domain != AF_UNIX) {
+  const int fd = SD_LISTEN_FDS_START;
+  // > 0: a listening (1) unix stream socket, whatever its path (nullptr, 0).
+  if (sd_is_socket_unix(fd, SOCK_STREAM, 1, nullptr, 0) <= 0) {
     return Status::Error(
         "socket activation: fd 3 is not a listening unix stream socket (use ListenStream=PATH)");
   }
-  fcntl(kFirstFd, F_SETFD, FD_CLOEXEC);
-  return kFirstFd;
+  return fd;
 }
 
 }  // namespace registry_proxy

@@ -1,5 +1,5 @@
-// systemd's readiness protocol (sd_notify), without libsystemd: one datagram to
-// $NOTIFY_SOCKET. A no-op when not started by systemd with Type=notify.
+// systemd's readiness protocol: a thin wrapper of libsystemd's sd_notify. A no-op when not
+// started by systemd with Type=notify.
 #pragma once
 
 #include <string_view>
