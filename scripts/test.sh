@@ -213,7 +213,9 @@ if has bench; then
   "$RP_ROOT/bench/webhook_load.sh" "$BUILD" || { failed+=("bench-webhook"); bad=$((bad + 1)); }
   echo "== benchmark (CRI hop: containerd vs daemon vs socat, smoke; full run: ninja bench-cri)"
   "$BUILD/bench/cri_load" --smoke || { failed+=("bench-cri"); bad=$((bad + 1)); }
-  record bench 3 $((3 - bad)) "$bad" 0 0 $((SECONDS - t0))
+  echo "== benchmark (mirror failover: daemon vs containerd alone, smoke; full run: failover_bench)"
+  "$BUILD/bench/failover_bench" --smoke || { failed+=("bench-failover"); bad=$((bad + 1)); }
+  record bench 4 $((4 - bad)) "$bad" 0 0 $((SECONDS - t0))
 fi
 
 summary
