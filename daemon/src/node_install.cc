@@ -28,6 +28,7 @@
 #include "cri_client.h"
 #include "cri_server.h"
 #include "file_util.h"
+#include "proxy_env.h"
 #include "signals.h"
 
 extern char** environ;
@@ -47,6 +48,8 @@ constexpr char kUnitPath[] = "/etc/systemd/system/registry-proxy.service";
 constexpr char kSocketName[] = "registry-proxy.socket";
 constexpr char kSocketPath[] = "/etc/systemd/system/registry-proxy.socket";
 constexpr char kRuntimeDir[] = "/run/registry-proxy";
+constexpr char kProxyDropInPath[] =
+    "/etc/systemd/system/registry-proxy.service.d/50-containerd-proxy.conf";
 constexpr char kConfigPath[] = "/etc/registry-proxy/config.yaml";
 constexpr char kBackupSuffix[] = ".registry-proxy.bak";
 constexpr char kKubeletKey[] = "imageServiceEndpoint";
@@ -489,6 +492,55 @@ Result<ConfigChoice> ChooseConfig(const NodeInstallOptions& o, const Host& host,
 
 }  // namespace
 
+// containerd.service and its drop-ins on the host, in the order systemd reads them: the unit
+// from the first directory of the search path that has it, then every containerd.service.d/
+// *.conf by file name (a name in an earlier directory hides the same name in later ones).
+std::vector<std::pair<std::string, std::string>> ContainerdUnitFiles(const Host& host) {
+  static const char* const kDirs[] = {"/etc/systemd/system", "/run/systemd/system",
+                                      "/usr/local/lib/systemd/system", "/usr/lib/systemd/system",
+                                      "/lib/systemd/system"};
+  std::vector<std::pair<std::string, std::string>> out;
+  auto read = [&](const std::string& host_path) {
+    auto r = ReadIfExists(host.Path(host_path), kMaxTextBytes);
+    if (r.ok() && *r) out.emplace_back(host_path, (*r)->data);
+    return r.ok() && *r;
+  };
+  for (const char* d : kDirs) {
+    if (read(std::string(d) + "/containerd.service")) break;
+  }
+  std::map<std::string, std::string> dropins;  // file name -> host path
+  for (const char* d : kDirs) {
+    const std::string dir = std::string(d) + "/containerd.service.d";
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(host.Path(dir), ec)) {
+      const std::string name = e.path().filename().string();
+      if (name.size() > 5 && name.compare(name.size() - 5, 5, ".conf") == 0) {
+        dropins.emplace(name, dir + "/" + name);
+      }
+    }
+  }
+  for (const auto& [name, path] : dropins) read(path);
+  return out;
+}
+
+// Our unit's drop-in with containerd's proxy settings (written, rewritten, or removed when
+// containerd has none any more). Returns whether it changed.
+Result<bool> SyncProxyDropIn(const Host& host, Manifest* m, std::ostream& log) {
+  const std::string text = ProxyDropIn(ProxySettingsOfUnit(ContainerdUnitFiles(host)));
+  if (!text.empty()) {
+    log << "containerd's proxy settings go to " << host.Path(kProxyDropInPath) << "\n";
+    return ManagedWrite(host, m, kProxyDropInPath, text, 0644, log);
+  }
+  if (!m->files.count(kProxyDropInPath)) return false;
+  const std::string real = host.Path(kProxyDropInPath);
+  if (::unlink(real.c_str()) != 0 && errno != ENOENT) {
+    return Status::Error("cannot remove " + real + ": " + Errno(errno));
+  }
+  m->files.erase(kProxyDropInPath);
+  log << "removed " << real << " (containerd has no proxy settings now)\n";
+  return true;
+}
+
 // ---------------------------------------------------------------------------------------------
 
 Status NodeInstall(const NodeInstallOptions& o, Systemctl* systemctl, DaemonProbe* probe,
@@ -578,6 +630,9 @@ Status NodeInstall(const NodeInstallOptions& o, Systemctl* systemctl, DaemonProb
   if (!w.ok()) return w.status();
   unit_changed = *w;
   w = write(kSocketPath, BuiltinSocketUnit(), 0644);
+  if (!w.ok()) return w.status();
+  unit_changed |= *w;
+  w = SyncProxyDropIn(host, &m, log);
   if (!w.ok()) return w.status();
   unit_changed |= *w;
   daemon_changed |= unit_changed;

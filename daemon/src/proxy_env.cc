@@ -258,4 +258,114 @@ std::string ProxyFor(const ProxyEnv& env, const std::string& scheme, const std::
   return UseProxy(env.no_proxy, name, port) ? proxy : "";
 }
 
+namespace {
+
+bool IsProxyVar(const std::string& name) {
+  static const char* const kNames[] = {"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+                                       "http_proxy", "https_proxy", "no_proxy"};
+  for (const char* n : kNames) {
+    if (name == n) return true;
+  }
+  return false;
+}
+
+// The words of an Environment= value, as systemd splits them: by spaces, "double" and 'single'
+// quotes grouping, backslash escapes inside double quotes.
+std::vector<std::string> UnitWords(std::string_view v) {
+  std::vector<std::string> out;
+  size_t i = 0;
+  while (i < v.size()) {
+    while (i < v.size() && (v[i] == ' ' || v[i] == '\t')) ++i;
+    if (i >= v.size()) break;
+    std::string word;
+    while (i < v.size() && v[i] != ' ' && v[i] != '\t') {
+      const char q = v[i];
+      if (q == '"' || q == '\'') {
+        for (++i; i < v.size() && v[i] != q; ++i) {
+          if (q == '"' && v[i] == '\\' && i + 1 < v.size()) ++i;
+          word += v[i];
+        }
+        ++i;  // the closing quote
+      } else {
+        word += v[i++];
+      }
+    }
+    out.push_back(word);
+  }
+  return out;
+}
+
+// A value for a double-quoted Environment= word: \ and " escaped, % doubled (a specifier).
+std::string UnitQuote(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '\\' || c == '"') out += '\\';
+    if (c == '%') out += '%';
+    out += c;
+  }
+  return out + "\"";
+}
+
+}  // namespace
+
+UnitProxySettings ProxySettingsOfUnit(
+    const std::vector<std::pair<std::string, std::string>>& unit_files) {
+  UnitProxySettings out;
+  for (const auto& [path, text] : unit_files) {
+    bool service = false, used = false;
+    std::string_view rest(text);
+    while (!rest.empty()) {
+      const size_t nl = rest.find('\n');
+      std::string_view line = TrimSpace(rest.substr(0, nl));
+      rest.remove_prefix(nl == std::string_view::npos ? rest.size() : nl + 1);
+      if (line.empty() || line[0] == '#' || line[0] == ';') continue;
+      if (line[0] == '[') {
+        service = line == "[Service]";
+        continue;
+      }
+      const size_t eq = line.find('=');
+      if (!service || eq == std::string_view::npos) continue;
+      const std::string_view key = TrimSpace(line.substr(0, eq));
+      const std::string_view value = TrimSpace(line.substr(eq + 1));
+      if (key == "Environment") {
+        if (value.empty() && !out.vars.empty()) {
+          out.vars.clear();
+          used = true;
+        }
+        for (const std::string& w : UnitWords(value)) {
+          const size_t e = w.find('=');
+          if (e == std::string::npos || !IsProxyVar(w.substr(0, e))) continue;
+          out.vars[w.substr(0, e)] = w.substr(e + 1);
+          used = true;
+        }
+      } else if (key == "EnvironmentFile") {
+        if (value.empty()) {
+          used = used || !out.files.empty();
+          out.files.clear();
+        } else {
+          out.files.emplace_back(value);
+          used = true;
+        }
+      }
+    }
+    if (used) out.sources.push_back(path);
+  }
+  return out;
+}
+
+std::string ProxyDropIn(const UnitProxySettings& s) {
+  if (s.vars.empty() && s.files.empty()) return "";
+  std::string out =
+      "# Written by `registry-proxy node install`: containerd's proxy settings, so that the\n"
+      "# mirror probe goes where containerd goes. From:\n";
+  for (const std::string& src : s.sources) out += "#   " + src + "\n";
+  out +=
+      "# Rewritten (or removed) by each install; `systemctl edit registry-proxy` overrides it.\n"
+      "[Service]\n";
+  for (const auto& [name, value] : s.vars)
+    out += "Environment=" + UnitQuote(name + "=" + value) + "\n";
+  for (const std::string& f : s.files) out += "EnvironmentFile=" + f + "\n";
+  return out;
+}
+
 }  // namespace registry_proxy

@@ -20,7 +20,10 @@
 // Not carried over from Go: the CGI rule (REQUEST_METHOD set) and IDNA (hosts are ASCII here).
 #pragma once
 
+#include <map>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace registry_proxy {
 
@@ -39,5 +42,26 @@ ProxyEnv ProxyEnvFromEnvironment();
 // "socks5h://": Go's SOCKS5 dialer lets the proxy resolve the name, and libcurl calls that
 // socks5h.
 std::string ProxyFor(const ProxyEnv& env, const std::string& scheme, const std::string& host);
+
+// containerd's proxy settings as its systemd unit gives them, for `node install` to hand the
+// same to our unit (a drop-in), so that the probe goes where containerd goes.
+struct UnitProxySettings {
+  // The proxy variables of Environment= lines (HTTP_PROXY, HTTPS_PROXY, NO_PROXY and their
+  // lower-case forms), by name; the last assignment of a name wins; `Environment=` (empty)
+  // resets, as in systemd.
+  std::map<std::string, std::string> vars;
+  // EnvironmentFile= entries as written ("-/etc/default/containerd"); copied as they are (every
+  // variable of such a file comes with it, as containerd gets it).
+  std::vector<std::string> files;
+  std::vector<std::string> sources;  // the unit files that contributed, for the drop-in's header
+};
+
+// `unit_files`: (path, text) of a unit and its drop-ins, in the order systemd reads them. Only
+// the [Service] section counts.
+UnitProxySettings ProxySettingsOfUnit(
+    const std::vector<std::pair<std::string, std::string>>& unit_files);
+
+// The drop-in for our unit carrying `s`, or "" when there is nothing to carry.
+std::string ProxyDropIn(const UnitProxySettings& s);
 
 }  // namespace registry_proxy

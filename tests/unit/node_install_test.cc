@@ -282,6 +282,46 @@ TEST_F(NodeInstallTest, UninstallLeavesTheHostByteIdentical) {
                           "systemctl daemon-reload"));
 }
 
+TEST_F(NodeInstallTest, ContainerdsProxySettingsGoToADropInFollowedOnEachInstall) {
+  const fs::path dropin =
+      host_ / "etc/systemd/system/registry-proxy.service.d/50-containerd-proxy.conf";
+  const auto before = Snapshot(host_);
+  Recorder r;
+  ASSERT_TRUE(Install(&r).ok()) << log_;
+  EXPECT_FALSE(fs::exists(dropin)) << "containerd has no proxy here";
+  // The node gets a proxy for containerd (the usual drop-in, plus one in the vendor unit).
+  WriteFile(host_ / "lib/systemd/system/containerd.service",
+            "[Service]\nEnvironment=\"NO_PROXY=localhost\"\nExecStart=/usr/bin/containerd\n");
+  WriteFile(host_ / "etc/systemd/system/containerd.service.d/http-proxy.conf",
+            "[Service]\nEnvironment=\"HTTPS_PROXY=http://p.corp:3128\" \"NO_PROXY=.corp\"\n");
+  Recorder second;
+  ASSERT_TRUE(Install(&second).ok()) << log_;
+  const std::string text = ReadFile(dropin);
+  EXPECT_THAT(text, HasSubstr("Environment=\"HTTPS_PROXY=http://p.corp:3128\"\n"));
+  EXPECT_THAT(text, HasSubstr("Environment=\"NO_PROXY=.corp\"\n"));  // the drop-in's, later
+  EXPECT_EQ(Mode(dropin), 0644u);
+  // systemd must read it, and the daemon run with it.
+  EXPECT_THAT(second.calls,
+              ElementsAre("systemctl daemon-reload",
+                          "systemctl enable --now registry-proxy.socket registry-proxy.service",
+                          "systemctl restart registry-proxy.service", "probe " + Socket()));
+  // The proxy goes away from containerd: from us too.
+  fs::remove(host_ / "etc/systemd/system/containerd.service.d/http-proxy.conf");
+  fs::remove_all(host_ / "lib");  // (the test made it)
+  Recorder third;
+  ASSERT_TRUE(Install(&third).ok()) << log_;
+  EXPECT_FALSE(fs::exists(dropin));
+  EXPECT_THAT(third.calls, testing::Contains("systemctl restart registry-proxy.service"));
+  // And uninstall leaves the host as it was.
+  WriteFile(host_ / "etc/systemd/system/containerd.service.d/http-proxy.conf",
+            "[Service]\nEnvironment=HTTP_PROXY=http://p.corp:3128\n");
+  ASSERT_TRUE(Install(&third).ok()) << log_;
+  ASSERT_TRUE(fs::exists(dropin));
+  ASSERT_TRUE(Uninstall(&third).ok()) << log_;
+  fs::remove(host_ / "etc/systemd/system/containerd.service.d/http-proxy.conf");
+  EXPECT_EQ(Snapshot(host_), before) << Diff(before, Snapshot(host_)) << log_;
+}
+
 TEST_F(NodeInstallTest, InstallTwiceThenUninstallIsStillByteIdentical) {
   const auto before = Snapshot(host_);
   Recorder r;

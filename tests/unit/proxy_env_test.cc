@@ -1,6 +1,7 @@
 // ProxyFor against the rules of Go's httpproxy (what containerd follows), one test per rule.
 #include "proxy_env.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
@@ -8,6 +9,8 @@
 
 namespace registry_proxy {
 namespace {
+
+using testing::HasSubstr;
 
 const char kP[] = "http://proxy.corp:3128";
 
@@ -129,6 +132,55 @@ TEST(ProxyEnvTest, FromEnvironmentUpperCaseFirstEmptyMeansUnset) {
   EXPECT_EQ(env.http_proxy, "http://lower:1");
   EXPECT_EQ(env.https_proxy, "http://upper:2");
   EXPECT_EQ(env.no_proxy, "example.com");
+}
+
+// ---------------------------------------------------------------------------------------------
+// containerd's unit -> our drop-in
+
+TEST(UnitProxySettingsTest, ProxyVariablesOfServiceSectionsLaterWinsEmptyResets) {
+  const UnitProxySettings s = ProxySettingsOfUnit({
+      {"/lib/systemd/system/containerd.service",
+       "[Unit]\nEnvironment=HTTP_PROXY=http://not-service:1\n"
+       "[Service]\nEnvironment=\"HTTP_PROXY=http://old:1\" GOMAXPROCS=2\nExecStart=/x\n"},
+      {"/etc/systemd/system/containerd.service.d/http-proxy.conf",
+       "# proxies\n[Service]\n"
+       "Environment=\"HTTP_PROXY=http://p.corp:3128\" 'HTTPS_PROXY=http://p.corp:3128'\n"
+       "Environment=NO_PROXY=localhost,10.0.0.0/8,.svc no_proxy=\"a b\"\n"
+       "EnvironmentFile=-/etc/default/containerd\n"},
+      {"/etc/systemd/system/containerd.service.d/override.conf",
+       "[Service]\nLimitNOFILE=1048576\n"},
+  });
+  EXPECT_THAT(s.vars, testing::ElementsAre(testing::Pair("HTTPS_PROXY", "http://p.corp:3128"),
+                                           testing::Pair("HTTP_PROXY", "http://p.corp:3128"),
+                                           testing::Pair("NO_PROXY", "localhost,10.0.0.0/8,.svc"),
+                                           testing::Pair("no_proxy", "a b")));
+  EXPECT_THAT(s.files, testing::ElementsAre("-/etc/default/containerd"));
+  EXPECT_THAT(s.sources,
+              testing::ElementsAre("/lib/systemd/system/containerd.service",
+                                   "/etc/systemd/system/containerd.service.d/http-proxy.conf"));
+  // An empty Environment= drops what came before (systemd's rule); so does EnvironmentFile=.
+  const UnitProxySettings reset = ProxySettingsOfUnit({
+      {"a.conf", "[Service]\nEnvironment=HTTPS_PROXY=http://p:1\nEnvironmentFile=/e\n"},
+      {"b.conf", "[Service]\nEnvironment=\nEnvironmentFile=\n"},
+  });
+  EXPECT_TRUE(reset.vars.empty());
+  EXPECT_TRUE(reset.files.empty());
+}
+
+TEST(UnitProxySettingsTest, DropInQuotesAndEscapesSpecifiersNothingMeansNoFile) {
+  UnitProxySettings s;
+  s.vars["HTTPS_PROXY"] = "http://user:p%40ss\"w@p.corp:3128";
+  s.files = {"-/etc/default/containerd"};
+  s.sources = {"/etc/systemd/system/containerd.service.d/http-proxy.conf"};
+  const std::string d = ProxyDropIn(s);
+  EXPECT_THAT(d, HasSubstr("\n[Service]\n"));
+  EXPECT_THAT(d, HasSubstr("\nEnvironment=\"HTTPS_PROXY=http://user:p%%40ss\\\"w@p.corp:3128\"\n"));
+  EXPECT_THAT(d, HasSubstr("\nEnvironmentFile=-/etc/default/containerd\n"));
+  EXPECT_THAT(d, HasSubstr("#   /etc/systemd/system/containerd.service.d/http-proxy.conf\n"));
+  // Read back as systemd would, the value is what containerd had (modulo %%).
+  const UnitProxySettings back = ProxySettingsOfUnit({{"x", d}});
+  EXPECT_EQ(back.vars.at("HTTPS_PROXY"), "http://user:p%%40ss\"w@p.corp:3128");
+  EXPECT_EQ(ProxyDropIn(UnitProxySettings{}), "");
 }
 
 }  // namespace
