@@ -37,6 +37,13 @@ double SecondsSince(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
+// What a FaultServer was asked, one request a line (for failure messages).
+std::string Asked(const FaultServer& f) {
+  std::string out;
+  for (const auto& r : f.Requests()) out += r.method + " " + r.path + " (" + r.user_agent + ")\n";
+  return out.empty() ? "(nothing)" : out;
+}
+
 size_t CountOf(const std::string& text, const std::string& what) {
   size_t n = 0;
   for (size_t p = text.find(what); p != std::string::npos; p = text.find(what, p + 1)) ++n;
@@ -87,7 +94,9 @@ TEST_F(FailoverTest, BlackHoledFirstMirrorFailsOverWithinTheProbeTimeout) {
   auto hole = bed->tb->AddBlackHole();
   ASSERT_TRUE(hole.ok()) << hole.error();
   const std::string repo = Repo({bed->mirror1});
-  StartDaemon(MirrorConfig({(*hole)->host(), bed->mirror1->host()}, Node()));
+  // Hedging off: this is the probe timeout's bound (hedge_test has the hedged pass-over).
+  StartDaemon(MirrorConfig({(*hole)->host(), bed->mirror1->host()},
+                           Node("  mirrorHedgeDelay: 0s\n")));
 
   auto [s, secs] = TimedPull(repo);
   ASSERT_TRUE(s.ok()) << GrpcStatusText(s) << "\n" << DaemonLog();
@@ -202,7 +211,7 @@ TEST_F(FailoverTest, StalledManifestsHitTheAttemptTimeoutAndTheNextMirrorServes)
       MirrorConfig({slow->host(), bed->mirror1->host()}, Node("  pullAttemptTimeout: 3s\n")));
   auto [s, secs] = TimedPull(repo);
   ASSERT_TRUE(s.ok()) << GrpcStatusText(s) << "\n" << DaemonLog();
-  EXPECT_GE(slow->PullRequests(), 1u);
+  EXPECT_GE(slow->PullRequests(), 1u) << Asked(*slow) << DaemonLog() << TailFile(bed->ctrd->log_path(), 60);
   EXPECT_GE(bed->mirror1->ManifestRequests(repo), 1u);
   EXPECT_GE(secs, 2.9);  // it did wait for the attempt deadline
   EXPECT_LT(secs, 3.0 + 10.0);
@@ -233,6 +242,21 @@ TEST_F(FailoverTest, CallerCancellingMidProbeStopsThePull) {
   const std::string log = DaemonLog();
   EXPECT_THAT(log, Not(HasSubstr(" auth=no ")));  // no attempt was handed to containerd
   EXPECT_THAT(log, Not(HasSubstr("attempt 2/2")));
+}
+
+// The pull's deadline (here node.pullTimeout, so the answer is ours, not the client's own
+// timer) passing while a mirror is probed: DEADLINE_EXCEEDED, as containerd answers a pull
+// whose deadline passed (critest checks the code); it was UNAVAILABLE.
+TEST_F(FailoverTest, DeadlinePassingWhileProbingIsDeadlineExceeded) {
+  auto hole = bed->tb->AddBlackHole();
+  ASSERT_TRUE(hole.ok()) << hole.error();
+  const std::string repo = Repo({bed->upstream});
+  StartDaemon(MirrorConfig({(*hole)->host()}, Node("  pullTimeout: 1s\n", "20s")));
+  auto [s, secs] = TimedPull(repo, 30s);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << GrpcStatusText(s);
+  EXPECT_THAT(s.error_message(), HasSubstr("the deadline passed while probing it"));
+  EXPECT_LT(secs, 15.0);  // well before the probe's own 20 s
+  EXPECT_EQ(bed->upstream->ManifestRequests(repo), 0u) << DaemonLog();
 }
 
 TEST_F(FailoverTest, CallerCancellingMidAttemptStopsThePullAndBlamesNoMirror) {

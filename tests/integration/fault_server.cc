@@ -85,6 +85,16 @@ void FaultServer::Serve(int fd) {
         break;
       }
       buf.append(chunk, static_cast<size_t>(n));
+      // A TLS ClientHello (a handshake record, 0x16 0x03): containerd 2.x tries HTTPS first on
+      // a host without hosts.toml, even on loopback. Answer as a plain HTTP server does (Go's
+      // net/http: 400 and close), so the client falls back to HTTP as it would with a registry.
+      if (buf.size() >= 2 && buf[0] == '\x16' && buf[1] == '\x03') {
+        static constexpr char k400[] =
+            "HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n";
+        (void)send(fd, k400, sizeof(k400) - 1, MSG_NOSIGNAL);
+        open = false;
+        break;
+      }
     }
     if (!open) break;
     const std::string head = buf.substr(0, end);

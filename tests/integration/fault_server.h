@@ -6,6 +6,8 @@
 //   kReset  the connection is reset (RST) right after the request was read
 //   kStall  nothing is answered until `stall` passes (or the server stops); then it closes
 //   kUnauthorized  401 with a Basic challenge: a client that has credentials sends them next
+// A TLS handshake gets what a plain HTTP server answers it (400, then close; not logged), so
+// containerd 2.x, which tries HTTPS first, falls back to HTTP as with a real registry.
 // Every request is logged (method, path, User-Agent) before it is answered. Connections are
 // kept alive as clients expect. All threads are joined in the destructor.
 #pragma once

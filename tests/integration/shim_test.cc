@@ -24,6 +24,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using registry_proxy::CriClient;
+using rp_testbed::ContainerdUnderTest;
 using rp_testbed::FaultServer;
 using ::testing::Contains;
 using ::testing::HasSubstr;
@@ -270,6 +271,8 @@ TEST_F(ShimTest, StatusRepairsAMirrorNamedImage) {
   EXPECT_THAT(img.repo_tags(), Contains("docker.io/" + repo + ":latest"));
 }
 
+// containerd 1.6 and 1.7 serve CRI v1alpha2 (kubelet 1.20-1.25); 2.x dropped it and answers
+// UNIMPLEMENTED, which must reach the caller unchanged.
 TEST_F(ShimTest, V1alpha2PullIsRewrittenToo) {
   std::string repo = Repo({bed->mirror1});
   StartDaemon(MirrorConfig({bed->mirror1->host()}));
@@ -277,17 +280,29 @@ TEST_F(ShimTest, V1alpha2PullIsRewrittenToo) {
   runtime::v1::PullImageRequest req;
   req.mutable_image()->set_image(repo);
   req.mutable_sandbox_config()->mutable_metadata()->set_namespace_("default");
-  std::string bytes = req.SerializeAsString();
-  auto channel = grpc::CreateChannel("unix://" + socket_, grpc::InsecureChannelCredentials());
-  grpc::GenericStub stub(channel);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + 60s);
-  grpc::Slice slice(bytes);
-  grpc::ByteBuffer in(&slice, 1), out;
-  std::promise<grpc::Status> done;
-  stub.UnaryCall(&ctx, "/runtime.v1alpha2.ImageService/PullImage", grpc::StubOptions(), &in, &out,
-                 [&](grpc::Status s) { done.set_value(s); });
-  grpc::Status s = done.get_future().get();
+  const std::string bytes = req.SerializeAsString();
+  auto call = [&](const std::string& socket) {
+    auto channel = grpc::CreateChannel("unix://" + socket, grpc::InsecureChannelCredentials());
+    grpc::GenericStub stub(channel);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + 60s);
+    grpc::Slice slice(bytes);
+    grpc::ByteBuffer in(&slice, 1), out;
+    std::promise<grpc::Status> done;
+    stub.UnaryCall(&ctx, "/runtime.v1alpha2.ImageService/PullImage", grpc::StubOptions(), &in,
+                   &out, [&](grpc::Status s) { done.set_value(s); });
+    return done.get_future().get();
+  };
+  grpc::Status s = call(socket_);
+  if (ContainerdUnderTest().major() >= 2) {
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED) << registry_proxy::GrpcStatusText(s);
+    const grpc::Status direct = call(bed->ctrd->socket_path());
+    EXPECT_EQ(direct.error_code(), grpc::StatusCode::UNIMPLEMENTED)
+        << registry_proxy::GrpcStatusText(direct);
+    EXPECT_EQ(s.error_message(), direct.error_message());
+    EXPECT_EQ(bed->mirror1->ManifestRequests(repo), 0u);
+    return;
+  }
   ASSERT_TRUE(s.ok()) << registry_proxy::GrpcStatusText(s) << "\n" << DaemonLog();
   EXPECT_GE(bed->mirror1->ManifestRequests(repo), 1u);
   EXPECT_THAT(ImageOf(*client_, repo).repo_tags(), Contains("docker.io/" + repo + ":latest"));
