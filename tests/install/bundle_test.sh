@@ -43,7 +43,8 @@ mkdir -p "$root/lib64" "$root/lib/x86_64-linux-gnu" "$root/etc/registry-proxy" "
   "$root/tmp" "$root/opt" "$root/proc"
 cp -a "$tmp/dist/opt/registry-proxy" "$root/opt/"
 cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"
-for l in libc.so.6 libm.so.6 libpthread.so.0 libdl.so.2 librt.so.1; do
+# (libresolv is glibc too: Debian's libcurl needs it through Kerberos and LDAP.)
+for l in libc.so.6 libm.so.6 libpthread.so.0 libdl.so.2 librt.so.1 libresolv.so.2; do
   cp -L "/lib/x86_64-linux-gnu/$l" "$root/lib/x86_64-linux-gnu/"
 done
 [ ! -e "$root/lib/x86_64-linux-gnu/libstdc++.so.6" ] || fail "libstdc++ leaked into the root"
