@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "file_util.h"
+#include "string_util.h"
 
 namespace registry_proxy {
 namespace {
@@ -51,42 +52,6 @@ bool IsStringScalar(const YAML::Node& n) {
   if (!n.IsScalar()) return false;
   const std::string& tag = n.Tag();
   return tag == "?" || tag == "!" || tag == "tag:yaml.org,2002:str";
-}
-
-int Base64Value(char c) {
-  if (c >= 'A' && c <= 'Z') return c - 'A';
-  if (c >= 'a' && c <= 'z') return c - 'a' + 26;
-  if (c >= '0' && c <= '9') return c - '0' + 52;
-  if (c == '+') return 62;
-  if (c == '/') return 63;
-  return -1;
-}
-
-// Standard base64 with padding, as containerd decodes `auth` (Go's base64.StdEncoding).
-bool DecodeBase64(std::string_view in, std::string* out) {
-  if (in.empty() || in.size() % 4 != 0) return false;
-  out->clear();
-  for (size_t i = 0; i < in.size(); i += 4) {
-    int v[4];
-    int pad = 0;
-    for (int k = 0; k < 4; ++k) {
-      const char c = in[i + k];
-      if (c == '=' && i + 4 == in.size() && k >= 2) {
-        v[k] = 0;
-        ++pad;
-        continue;
-      }
-      if (pad) return false;  // data after '='
-      v[k] = Base64Value(c);
-      if (v[k] < 0) return false;
-    }
-    const uint32_t n =
-        (uint32_t(v[0]) << 18) | (uint32_t(v[1]) << 12) | (uint32_t(v[2]) << 6) | uint32_t(v[3]);
-    out->push_back(static_cast<char>(n >> 16));
-    if (pad < 2) out->push_back(static_cast<char>((n >> 8) & 0xff));
-    if (pad < 1) out->push_back(static_cast<char>(n & 0xff));
-  }
-  return true;
 }
 
 class Parser {
@@ -178,7 +143,7 @@ void Parser::Entry(const YAML::Node& key, const YAML::Node& value,
   }
   if (!a.auth.empty()) {
     std::string decoded;
-    if (!DecodeBase64(a.auth, &decoded) || decoded.find(':') == std::string::npos) {
+    if (!Base64Decode(a.auth, &decoded) || decoded.find(':') == std::string::npos) {
       Error(key.Mark(), field + ".auth", "must be base64 of \"username:password\"");
       return;
     }

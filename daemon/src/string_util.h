@@ -1,8 +1,9 @@
 // Small string helpers shared by the loaders.
 #pragma once
 
+#include <absl/strings/escaping.h>
+
 #include <cstddef>
-#include <cstdint>
 #include <initializer_list>
 #include <string>
 #include <string_view>
@@ -19,31 +20,20 @@ inline std::string StrCat(std::initializer_list<std::string_view> parts) {
   return out;
 }
 
-// Standard base64 (RFC 4648, padded).
+// Standard base64 (RFC 4648, padded), abseil's.
 inline std::string Base64Encode(std::string_view bytes) {
-  static constexpr char kAlphabet[] =
-      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  out.reserve((bytes.size() + 2) / 3 * 4);
-  size_t i = 0;
-  for (; i + 3 <= bytes.size(); i += 3) {
-    const uint32_t v = (uint32_t(uint8_t(bytes[i])) << 16) |
-                       (uint32_t(uint8_t(bytes[i + 1])) << 8) | uint8_t(bytes[i + 2]);
-    out += kAlphabet[v >> 18];
-    out += kAlphabet[(v >> 12) & 63];
-    out += kAlphabet[(v >> 6) & 63];
-    out += kAlphabet[v & 63];
+  return absl::Base64Escape(absl::string_view(bytes.data(), bytes.size()));
+}
+
+// Standard base64 with padding and nothing else (no whitespace, no URL alphabet), as Go's
+// base64.StdEncoding decodes it (containerd's `auth`, Kubernetes' Secret data): false otherwise.
+inline bool Base64Decode(std::string_view in, std::string* out) {
+  constexpr std::string_view kAlphabet =
+      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=";
+  if (in.empty() || in.size() % 4 != 0 || in.find_first_not_of(kAlphabet) != in.npos) {
+    return false;
   }
-  const size_t rest = bytes.size() - i;
-  if (rest) {
-    uint32_t v = uint32_t(uint8_t(bytes[i])) << 16;
-    if (rest == 2) v |= uint32_t(uint8_t(bytes[i + 1])) << 8;
-    out += kAlphabet[v >> 18];
-    out += kAlphabet[(v >> 12) & 63];
-    out += rest == 2 ? kAlphabet[(v >> 6) & 63] : '=';
-    out += '=';
-  }
-  return out;
+  return absl::Base64Unescape(absl::string_view(in.data(), in.size()), out);
 }
 
 }  // namespace registry_proxy

@@ -256,24 +256,11 @@ constexpr char kCaKey[] = "ca.key";
 constexpr char kTlsCrt[] = "tls.crt";
 constexpr char kTlsKey[] = "tls.key";
 
-std::string Base64Decode(const std::string& in) {
-  if (in.empty() || in.size() % 4 != 0) return "";
-  std::string out(in.size() / 4 * 3, '\0');
-  const int n = EVP_DecodeBlock(reinterpret_cast<unsigned char*>(out.data()),
-                                reinterpret_cast<const unsigned char*>(in.data()),
-                                static_cast<int>(in.size()));
-  if (n < 0) return "";
-  size_t len = static_cast<size_t>(n);
-  if (in.size() >= 1 && in[in.size() - 1] == '=') --len;
-  if (in.size() >= 2 && in[in.size() - 2] == '=') --len;
-  out.resize(len);
-  return out;
-}
-
 std::string DataField(const Json& secret, const char* key) {
   const Json* data = secret.contains("data") ? &secret["data"] : nullptr;
   if (!data || !data->is_object() || !data->contains(key) || !(*data)[key].is_string()) return "";
-  return Base64Decode((*data)[key].get<std::string>());
+  std::string decoded;
+  return Base64Decode((*data)[key].get<std::string>(), &decoded) ? decoded : "";
 }
 
 // Writes `content` to `path` through a temporary file and rename(2): a reader sees the old

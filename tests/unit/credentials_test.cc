@@ -83,6 +83,11 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"credentials:\n  a:\n    auth: '%%%'\n", "credentials.a.auth: must be base64"},
         // base64 of "nocolon"
         BadCase{"credentials:\n  a:\n    auth: bm9jb2xvbg==\n", "must be base64 of"},
+        // "u:p" (dTpw) unpadded, with a padding inside, in the URL alphabet: Go's StdEncoding
+        // refuses each, and so do we.
+        BadCase{"credentials:\n  a:\n    auth: dTpwdQ\n", "credentials.a.auth: must be base64"},
+        BadCase{"credentials:\n  a:\n    auth: dT=wdQ==\n", "credentials.a.auth: must be base64"},
+        BadCase{"credentials:\n  a:\n    auth: dTp-dQ==\n", "credentials.a.auth: must be base64"},
         BadCase{"credentials:\n  a:\n    username: [x]\n    password: p\n",
                 "credentials.a.username: must be a non-empty string"},
         BadCase{"credentials:\n  a:\n    username: u\n    password: !!binary aGk=\n",
