@@ -30,7 +30,11 @@
 //    pull service logs the others ("mirror H: probe URL alive|DEAD in Nms: detail").
 // Upstream is never probed, so it never counts as "known alive": with one mirror and upstream
 // behind it, a black-holed mirror still costs the probe timeout (upstream is the last resort).
-// Worst case with hedging, a black-holed first mirror costs a pull about hedge_delay.
+// So a black-holed first mirror costs a pull about hedge_delay when a later mirror answers its
+// probe within that time (else the wait ends when one does, or at the probe timeout). A mirror
+// that is alive but needs longer than hedge_delay to answer /v2/ (a far one over TLS) is passed
+// over whenever a later one is alive: raise the delay for such mirrors. At or above
+// probe_timeout it never passes over.
 //
 // Breaker: a failed probe, or an attempt that failed in a way that says the mirror is down
 // (ClassifyAttempt, attempt_error.h), opens the mirror's breaker for `cooldown`: while open the
