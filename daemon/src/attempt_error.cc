@@ -102,6 +102,9 @@ AttemptVerdict ClassifyAttempt(const grpc::Status& s, bool own_deadline_hit, boo
   // text (gRPC's own "Connection refused" is containerd's socket, not a registry). containerd
   // reports registry errors as UNKNOWN or NOT_FOUND.
   if (code == C::UNAVAILABLE) return {AttemptClass::kContainerdFailed, "containerd unavailable"};
+  // The API itself is not served (containerd 2.x has no CRI v1alpha2): no candidate can do
+  // better, and the caller must see containerd's answer as it is.
+  if (code == C::UNIMPLEMENTED) return {AttemptClass::kContainerdFailed, "not served"};
   if (const char* d = FindMarker(msg, std::begin(kDownMarkers), std::end(kDownMarkers))) {
     return {AttemptClass::kMirrorDown, d};
   }

@@ -19,7 +19,8 @@ enum class AttemptClass {
   kMirrorDown,        // refused, reset, unreachable, TLS failure, 5xx, our attempt timeout
   kNotFound,          // the registry answered: no such image (or tag)
   kCallerGone,        // the caller cancelled, or its own deadline passed
-  kContainerdFailed,  // containerd unavailable, out of space, unpack/snapshot/content errors
+  kContainerdFailed,  // containerd unavailable, out of space, unpack/snapshot/content errors,
+                      // the API not served (UNIMPLEMENTED: containerd 2.x and CRI v1alpha2)
   kOther,             // anything else (401/403, a bad reference, ...): the registry is up
 };
 

@@ -9,6 +9,7 @@
 // timeout); containerd's own behaviour with a black hole is measured and printed next to ours.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <future>
@@ -271,6 +272,57 @@ TEST_F(FailoverTest, CallerCancellingMidAttemptStopsThePullAndBlamesNoMirror) {
   const std::string log = DaemonLog();
   EXPECT_THAT(log, Not(HasSubstr("attempt 2/2")));
   EXPECT_THAT(log, Not(HasSubstr("circuit breaker open")));  // the caller left; not its fault
+}
+
+// Attempt errors classified by meaning, in every containerd's words: a mirror that resets
+// pulls is down (its breaker opens), one that lacks the image is not; the caller gets
+// upstream's code, and its message whole after what happened at each mirror.
+TEST_F(FailoverTest, AttemptErrorsAreClassifiedAndNamedPerCandidate) {
+  auto reset_pulls = Fault(Behavior::kOk, Behavior::kReset);
+  const std::string repo = "rp/nowhere-" + std::to_string(getpid());  // on no registry at all
+  StartDaemon(MirrorConfig({reset_pulls->host(), bed->mirror1->host()}, Node()));
+  auto [s, secs] = TimedPull(repo);
+  ASSERT_FALSE(s.ok());
+  // What containerd says about upstream on its own, for the same reference.
+  runtime::v1::PullImageRequest direct_req;
+  direct_req.mutable_image()->set_image("docker.io/" + repo + ":latest");
+  runtime::v1::PullImageResponse direct_resp;
+  const grpc::Status direct = bed->ctrd->cri().PullImage(direct_req, &direct_resp, 60s);
+  ASSERT_FALSE(direct.ok());
+  EXPECT_EQ(s.error_code(), direct.error_code()) << GrpcStatusText(s);
+  EXPECT_EQ(s.error_message(), "mirror " + reset_pulls->host() + ": down (connection reset); " +
+                                   "mirror " + bed->mirror1->host() + ": not found; " +
+                                   "upstream docker.io: " + direct.error_message())
+      << DaemonLog();
+  const std::string log = DaemonLog();
+  EXPECT_THAT(log, HasSubstr("mirror " + reset_pulls->host() + ": circuit breaker open"));
+  EXPECT_THAT(log, Not(HasSubstr("mirror " + bed->mirror1->host() + ": circuit breaker open")));
+  std::cout << "[ classify ] containerd " << ContainerdUnderTest().version << ": "
+            << GrpcStatusText(s) << "\n";
+}
+
+// containerd itself failing (here: not running) stops the walk: no other candidate is tried,
+// no mirror is blamed, and containerd's error comes back as it came.
+TEST_F(FailoverTest, ContainerdDownStopsTheWalkAndBlamesNoMirror) {
+  const std::string repo = Repo({bed->mirror1, bed->mirror2});
+  StartDaemon(MirrorConfig({bed->mirror1->host(), bed->mirror2->host()}, Node()));
+  bed->ctrd->Stop();
+  auto [s, secs] = TimedPull(repo, 20s);
+  ASSERT_TRUE(bed->ctrd->Start().ok());  // the testbed is shared: containerd back first
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << GrpcStatusText(s);
+  EXPECT_THAT(s.error_message(), Not(HasSubstr("mirror ")));  // one step: unchanged
+  const std::string log = DaemonLog();
+  EXPECT_THAT(log, HasSubstr("containerd itself failed (containerd unavailable)"));
+  EXPECT_THAT(log, Not(HasSubstr("attempt 2/3")));
+  EXPECT_THAT(log, Not(HasSubstr("circuit breaker open")));
+  EXPECT_EQ(bed->mirror2->ManifestRequests(repo), 0u);
+  // And once the daemon's channel has reconnected (gRPC's back-off), the next pull is served by
+  // the first mirror: it was not blamed.
+  grpc::Status s2;
+  EXPECT_TRUE(WaitFor([&] { return (s2 = TimedPull(repo, 5s).first).ok(); }, 20s, 200ms))
+      << GrpcStatusText(s2) << "\n" << DaemonLog();
+  EXPECT_GE(bed->mirror1->ManifestRequests(repo), 1u);
+  EXPECT_EQ(bed->mirror2->ManifestRequests(repo), 0u);
 }
 
 TEST_F(FailoverTest, ProbeGoesWhereContainerdsHostsTomlPoints) {

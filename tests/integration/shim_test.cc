@@ -191,7 +191,8 @@ TEST_F(ShimTest, AllMirrorsDeadUpstreamServes) {
   EXPECT_GE(bed->upstream->ManifestRequests(repo), 1u);
 }
 
-TEST_F(ShimTest, EverythingDeadReturnsUpstreamErrorUnchanged) {
+// The caller gets upstream's code, and its message whole after what happened at each mirror.
+TEST_F(ShimTest, EverythingDeadReturnsUpstreamErrorAfterWhatHappenedAtEachMirror) {
   // quay.io is pinned to a closed port; its mirror is dead too.
   StartDaemon("rules:\n  - match: quay.io\n    mirrors: [" + Dead() + "]\n");
   std::string image = "quay.io/rp/nowhere:1";
@@ -202,7 +203,9 @@ TEST_F(ShimTest, EverythingDeadReturnsUpstreamErrorUnchanged) {
   grpc::Status via = Pull(image, "default");
   ASSERT_FALSE(direct.ok());
   EXPECT_EQ(via.error_code(), direct.error_code());
-  EXPECT_EQ(via.error_message(), direct.error_message());
+  EXPECT_THAT(via.error_message(), ::testing::StartsWith("mirror " + Dead() + ": skipped (probe "));
+  EXPECT_THAT(via.error_message(),
+              ::testing::EndsWith("; upstream quay.io: " + direct.error_message()));
   EXPECT_THAT(DaemonLog(), HasSubstr(Dead()));  // the mirror was tried first
 }
 

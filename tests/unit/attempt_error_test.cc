@@ -109,6 +109,9 @@ TEST(AttemptErrorTest, ContainerdsOwnFailuresStopTheWalk) {
             AttemptClass::kContainerdFailed);
   // UNAVAILABLE is the channel to containerd, whatever the words.
   EXPECT_EQ(Class(C::UNAVAILABLE, "connect: connection refused"), AttemptClass::kContainerdFailed);
+  // containerd 2.x has no CRI v1alpha2: its answer, whatever the candidate.
+  EXPECT_EQ(Class(C::UNIMPLEMENTED, "unknown service runtime.v1alpha2.ImageService"),
+            AttemptClass::kContainerdFailed);
   const std::string disk =
       "failed to pull and unpack image \"m/x:latest\": failed to extract layer sha256:abc: "
       "write /var/lib/containerd/x/busybox: no space left on device: unknown";
