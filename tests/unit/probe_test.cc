@@ -393,6 +393,24 @@ TEST_F(ProxyTest, HttpsMirrorIsProbedThroughAConnectTunnel) {
   EXPECT_THAT(r.detail, HasSubstr("via proxy"));
 }
 
+TEST_F(ProxyTest, LibcurlsOwnReadingOfTheEnvironmentIsOff) {
+  ProxiedOnlyMirror mirror;
+  // libcurl would bypass the proxy for NO_PROXY=* and use http_proxy on its own; the choice is
+  // ours (ProbeWithProxyEnv's env), not libcurl's.
+  setenv("NO_PROXY", "*", 1);
+  setenv("no_proxy", "*", 1);
+  ProbeResult r = ProbeFor(mirror.Target(), milliseconds(10000), ProxyEnv{ProxyUrl(), "", ""});
+  EXPECT_TRUE(r.alive) << r.detail;
+  EXPECT_EQ(mirror.proxied(), 1);
+  unsetenv("NO_PROXY");
+  unsetenv("no_proxy");
+  setenv("http_proxy", ("127.0.0.1:" + std::to_string(FreeLoopbackPort())).c_str(), 1);
+  r = ProbeFor(mirror.Target(), milliseconds(10000), ProxyEnv{});
+  unsetenv("http_proxy");
+  EXPECT_EQ(r.detail, "HTTP 503");  // the mirror answered directly, not a dead proxy
+  EXPECT_EQ(mirror.direct(), 1);
+}
+
 TEST_F(ProxyTest, HttpProbeReadsTheProxyFromTheEnvironment) {
   ProxiedOnlyMirror mirror;
   for (const char* n : {"HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "HTTP_PROXY"}) {
