@@ -127,6 +127,13 @@ class MirrorHealthChecker final : public MirrorHealth {
     // Run probes on their own thread (default), so a caller that cancels or runs out of time
     // stops waiting at once. Tests set false to run them inline, deterministically.
     bool probe_thread = true;
+    // Told of each probe whose answer no caller waited for (see "Hedging"): the mirror, the
+    // answer, how long it took, and +1 when it opened the breaker, -1 when it closed it, else
+    // 0. The daemon counts these in its metrics as the pull service counts the others. Called
+    // on the probe's thread with the checker's lock held: it must not call the checker.
+    std::function<void(const std::string& host, const ProbeResult& result,
+                       std::chrono::nanoseconds duration, int breaker_change)>
+        on_unclaimed_probe;
   };
   MirrorHealthChecker();
   explicit MirrorHealthChecker(Options options);

@@ -271,6 +271,12 @@ class HedgeTest : public testing::Test {
       return std::chrono::steady_clock::time_point(std::chrono::nanoseconds(now_.load()));
     };
     o.alive_ttl = milliseconds(10000);
+    o.on_unclaimed_probe = [this](const std::string& host, const ProbeResult& r,
+                                  std::chrono::nanoseconds, int breaker_change) {
+      std::lock_guard l(unclaimed_mu_);
+      unclaimed_.push_back(host + (r.alive ? " alive " : " dead ") +
+                           std::to_string(breaker_change));
+    };
     checker_ = std::make_unique<MirrorHealthChecker>(std::move(o));
   }
   ~HedgeTest() override { checker_.reset(); }  // stops the probes still waiting
@@ -305,6 +311,10 @@ class HedgeTest : public testing::Test {
     }
     return false;
   }
+  std::vector<std::string> Unclaimed() {
+    std::lock_guard l(unclaimed_mu_);
+    return unclaimed_;
+  }
   void Advance(milliseconds d) { now_ += std::chrono::nanoseconds(d).count(); }
   static bool Pending(std::future<HealthVerdict>& f) {
     return f.wait_for(milliseconds(100)) == std::future_status::timeout;
@@ -316,6 +326,8 @@ class HedgeTest : public testing::Test {
   std::condition_variable cv_;
   std::vector<std::string> started_;            // probes started, in order
   std::map<std::string, ProbeResult> answers_;  // given and not yet taken
+  std::mutex unclaimed_mu_;
+  std::vector<std::string> unclaimed_;  // what on_unclaimed_probe was told, in order
   std::unique_ptr<MirrorHealthChecker> checker_;
 };
 
@@ -353,6 +365,12 @@ TEST_F(HedgeTest, ABlackHoledMirrorIsPassedOverOnceALaterOneIsAliveAndTheDelayHa
   EXPECT_EQ(checker_->Check("m1.example", {"m2.example"}, settings_, {}).action,
             Action::kCooldown);
   EXPECT_EQ(StartedProbes().size(), 3u);
+  // Nobody waited for any of these answers: each was handed to on_unclaimed_probe (the
+  // daemon's metrics), m1's with the breaker it opened.
+  std::vector<std::string> told = Unclaimed();
+  std::sort(told.begin(), told.begin() + 2);  // m2 and m3 answered in either order
+  EXPECT_EQ(told, (std::vector<std::string>{"m2.example alive 0", "m3.example alive 0",
+                                            "m1.example dead 1"}));
 }
 
 TEST_F(HedgeTest, TheFirstMirrorAnsweringWithinTheDelayIsTriedEvenIfALaterOneWasFaster) {
@@ -368,6 +386,7 @@ TEST_F(HedgeTest, TheFirstMirrorAnsweringWithinTheDelayIsTriedEvenIfALaterOneWas
   EXPECT_TRUE(v.probed);
   EXPECT_TRUE(v.ran_probe);  // reported by this caller, once
   EXPECT_EQ(v.probe_duration, milliseconds(300));
+  EXPECT_EQ(Unclaimed(), std::vector<std::string>{"m2.example alive 0"});  // not m1: claimed
 }
 
 TEST_F(HedgeTest, ASlowMirrorThatAnswersAliveAfterBeingPassedOverStaysInService) {
