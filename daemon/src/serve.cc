@@ -193,7 +193,16 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
                                [&store] { return store.Current()->node.containerd_namespace; }, {});
   metrics::Registry registry;  // metrics: see node_metrics.h and ops_server.h
   NodeMetrics node_metrics(&registry);
-  MirrorHealthChecker mirror_health;  // probes and circuit breakers (mirror_health.h)
+  // Probes and circuit breakers (mirror_health.h); the probe answers no pull waited for (hedging)
+  // are counted here, the others by the pull service.
+  MirrorHealthChecker::Options health_options;
+  health_options.on_unclaimed_probe = [&node_metrics](const std::string& host,
+                                                      const ProbeResult& r,
+                                                      std::chrono::nanoseconds took, int change) {
+    node_metrics.OnProbe(host, r.alive, took);
+    if (change != 0) node_metrics.OnBreaker(host, change > 0);
+  };
+  MirrorHealthChecker mirror_health(std::move(health_options));
   PullServiceOptions pull_options;
   pull_options.observer = &node_metrics;
   pull_options.health = &mirror_health;
