@@ -246,10 +246,7 @@ void KillProcessesOf(const std::string& containerd_dir, const std::string& scan_
           pid_t pid = std::atoi(Trim(*text).c_str());
           if (pid > 1) pids.push_back(pid);
         }
-        if (auto addr = ReadFile((b.path() / "address").string())) {
-          std::string a = Trim(*addr);
-          if (a.rfind("unix://", 0) == 0) sockets.push_back(a.substr(7));
-        }
+        if (std::string a = ShimSocket(b.path().string()); !a.empty()) sockets.push_back(a);
       }
     }
   }
@@ -291,6 +288,18 @@ std::string SkipReason() {
 const ContainerdBuild& ContainerdUnderTest() {
   static const ContainerdBuild* const b = new ContainerdBuild(FindContainerdUnderTest());
   return *b;
+}
+
+std::string ShimSocket(const std::string& bundle) {
+  std::string a;
+  if (auto addr = ReadFile(bundle + "/address")) {
+    a = Trim(*addr);  // containerd 1.x
+  } else if (auto boot = ReadFile(bundle + "/bootstrap.json")) {
+    // containerd 2.x: {"version":2,"address":"unix:///run/containerd/s/...","protocol":"ttrpc"}
+    auto j = nlohmann::json::parse(*boot, nullptr, /*allow_exceptions=*/false);
+    if (j.is_object() && j.contains("address") && j["address"].is_string()) a = j["address"];
+  }
+  return a.rfind("unix://", 0) == 0 ? a.substr(7) : "";
 }
 
 bool IntegrationRequired() {

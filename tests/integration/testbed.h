@@ -51,6 +51,10 @@ struct ContainerdBuild {
 };
 const ContainerdBuild& ContainerdUnderTest();
 
+// The unix socket of the shim serving a task bundle dir ("" if none): containerd 1.x writes it
+// to <bundle>/address, 2.x to <bundle>/bootstrap.json.
+std::string ShimSocket(const std::string& bundle);
+
 // The public registries tests must never reach: pinned to kDeadHost in every containerd.
 const std::vector<std::string>& PublicRegistryHosts();
 // Nothing listens on the discard port: connections are refused at once.

@@ -433,9 +433,8 @@ TEST(Testbed, TeardownLeavesNoProcessNoMountNoDir) {
     std::vector<pid_t> shims = ProcessesInDir(bundle.string());  // it runs in its bundle
     ASSERT_EQ(shims.size(), 1u);
     pids.push_back(shims[0]);
-    std::ifstream addr(bundle / "address");
-    ASSERT_TRUE(addr >> shim_socket);
-    shim_socket = shim_socket.substr(std::string("unix://").size());
+    shim_socket = ShimSocket(bundle.string());
+    ASSERT_FALSE(shim_socket.empty()) << "no address or bootstrap.json in " << bundle;
     EXPECT_TRUE(fs::exists(shim_socket));
     EXPECT_FALSE(MountsUnder(dir).empty());
     for (pid_t p : pids) EXPECT_FALSE(Gone(p)) << p;
