@@ -8,6 +8,8 @@
 // wait for the black hole's probe); bench/failover_bench measures the failover times.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <iostream>
@@ -43,12 +45,36 @@ size_t ProbesLogged(const Registry& r) {
   return n;
 }
 
+// The body of GET http://127.0.0.1:port/metrics (HTTP/1.0: the server closes after one
+// answer); "" when there is no answer. 5 s timeouts.
+std::string Metrics(int port) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return "";
+  timeval tv{5, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  sockaddr_in a = LoopbackAddress(port);
+  std::string all;
+  const std::string req = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0 &&
+      send(fd, req.data(), req.size(), MSG_NOSIGNAL) == ssize_t(req.size())) {
+    char buf[16384];
+    ssize_t n;
+    while ((n = recv(fd, buf, sizeof buf, 0)) > 0) all.append(buf, size_t(n));
+  }
+  close(fd);
+  const size_t body = all.find("\r\n\r\n");
+  return body == std::string::npos ? "" : all.substr(body + 4);
+}
+
 class HedgeTest : public ShimTest {
  protected:
   // The defaults but for the metrics port (daemons must not fight over it), the testbed's
   // hosts dir, a known cooldown, and the probe timeout.
-  std::string Node(const std::string& probe_timeout = "2s") {
-    return "node:\n  metricsAddress: \"\"\n  containerdHostsDir: " + bed->ctrd->certs_dir() +
+  std::string Node(const std::string& probe_timeout = "2s", int metrics_port = 0) {
+    const std::string metrics =
+        metrics_port ? "127.0.0.1:" + std::to_string(metrics_port) : std::string("\"\"");
+    return "node:\n  metricsAddress: " + metrics +
+           "\n  containerdHostsDir: " + bed->ctrd->certs_dir() +
            "\n  mirrorProbeTimeout: " + probe_timeout + "\n  mirrorCooldown: 60s\n";
   }
   std::pair<grpc::Status, double> TimedPull(const std::string& image) {
@@ -67,8 +93,10 @@ TEST_F(HedgeTest, BlackHoledFirstMirrorIsPassedOverAndCalledDeadOnlyByItsOwnProb
   ASSERT_TRUE(hole.ok()) << hole.error();
   const std::string h = (*hole)->host();
   const std::string repo = Repo({bed->mirror1});
+  auto port = PickFreePort();
+  ASSERT_TRUE(port.ok());
   // A long probe timeout, so "passed over before it" and "dead after it" are far apart.
-  StartDaemon(MirrorConfig({h, bed->mirror1->host()}, Node("5s")));
+  StartDaemon(MirrorConfig({h, bed->mirror1->host()}, Node("5s", *port)));
 
   auto [s, secs] = TimedPull(repo);
   ASSERT_TRUE(s.ok()) << GrpcStatusText(s) << "\n" << DaemonLog();
@@ -92,6 +120,16 @@ TEST_F(HedgeTest, BlackHoledFirstMirrorIsPassedOverAndCalledDeadOnlyByItsOwnProb
   ASSERT_TRUE(std::regex_search(after, m, std::regex("/v2/ DEAD in ([0-9]+)ms")));
   EXPECT_GE(std::stoi(m[1]), 4900) << "called dead before its probe timed out\n" << after;
   EXPECT_THAT(after, HasSubstr("mirror " + h + ": circuit breaker open for 60000ms"));
+  // The metrics count that answer too, though no pull waited for it.
+  const std::string metrics = Metrics(*port);
+  const std::string label = "{mirror=\"" + h + "\"";
+  EXPECT_THAT(metrics,
+              HasSubstr("registry_proxy_mirror_skipped_total" + label + ",reason=\"slow\"} 1"));
+  EXPECT_THAT(metrics,
+              HasSubstr("registry_proxy_mirror_probes_total" + label + ",result=\"dead\"} 1"));
+  EXPECT_THAT(metrics, HasSubstr("registry_proxy_mirror_breaker_open" + label + "} 1"));
+  EXPECT_THAT(metrics, HasSubstr("registry_proxy_mirror_probes_total{mirror=\"" +
+                                 bed->mirror1->host() + "\",result=\"alive\"} 1"));
 
   // The next pull skips it without a probe or a connection.
   const size_t accepted = (*hole)->accepted();
