@@ -47,6 +47,32 @@ TEST(AttemptErrorTest, RefusedResetAndTimeoutsAreDown) {
   EXPECT_EQ(Detail(C::DEADLINE_EXCEEDED, "x"), "the caller's deadline");
 }
 
+// As the matrix run of failover_test (AttemptErrorsAreClassifiedAndNamedPerCandidate) logged
+// them: a mirror resetting pulls, a mirror lacking the image, per containerd version.
+TEST(AttemptErrorTest, EachVersionsWordsForResetAndNotFound) {
+  const std::string img = "failed to pull and unpack image \"127.0.0.1:39029/rp/x:latest\": ";
+  const std::string ref16 = "failed to resolve reference \"127.0.0.1:39029/rp/x:latest\": ";
+  const std::string ref21 = "failed to resolve image: ";
+  const std::string reset =
+      "failed to do request: Head \"%s://127.0.0.1:39029/v2/rp/x/manifests/latest\": read tcp "
+      "127.0.0.1:51610->127.0.0.1:39029: read: connection reset by peer";
+  auto with_scheme = [&](const std::string& scheme) {
+    std::string r = reset;
+    return r.replace(r.find("%s"), 2, scheme);
+  };
+  // 1.6.20 (http), 1.7.24 (https first), 2.1.9 (https first, "failed to resolve image")
+  for (const std::string& m :
+       {img + ref16 + with_scheme("http"), img + ref16 + with_scheme("https"),
+        img + ref21 + with_scheme("https")}) {
+    EXPECT_EQ(Class(C::UNKNOWN, m), AttemptClass::kMirrorDown) << m;
+    EXPECT_EQ(Detail(C::UNKNOWN, m), "connection reset") << m;
+  }
+  for (const std::string& pre : {img + ref16, img + ref21}) {
+    const std::string m = pre + "127.0.0.1:39029/rp/x:latest: not found";
+    EXPECT_EQ(Class(C::NOT_FOUND, m), AttemptClass::kNotFound) << m;
+  }
+}
+
 TEST(AttemptErrorTest, TlsFailuresAreDown) {
   EXPECT_EQ(Class(C::UNKNOWN, k16 + "failed to do request: Head \"https://m/v2/x\": "
                                     "x509: certificate signed by unknown authority"),
