@@ -738,10 +738,43 @@ bool PullService::StatusNeedsRecovery(CriVersion /*v*/, const std::string& reque
     const std::shared_ptr<const Config> config = config_();
     PullContext ctx;
     ctx.any_namespace = true;  // the image store is the node's, not one namespace's
-    return config->policy->Decide(req.image().image(), ctx).rewritten();
+    const Decision d = config->policy->Decide(req.image().image(), ctx);
+    if (!d.rewritten()) return false;
+    // The common miss, an image not on the node at all (kubelet asks before every first pull):
+    // when the index knows that no mirror copy is there either, nothing is asked.
+    if (options_.image_index) {
+      const std::optional<bool> any = options_.image_index->ContainsAny(
+          config->node.containerd_namespace, MirrorCopies(*config, d));
+      if (any.has_value()) return *any;
+    }
+    return true;
   } catch (...) {
     return false;  // the response goes to the caller as containerd gave it
   }
+}
+
+// Where a mirror-named copy of a rewritten image could be: the decision's mirrors, then those of
+// every other rule covering the repository (rules for other namespaces may have sent it
+// elsewhere).
+std::vector<std::string> PullService::MirrorCopies(const Config& config, const Decision& d) {
+  std::vector<std::string> names;
+  auto add = [&](std::string name) {
+    if (std::find(names.begin(), names.end(), name) == names.end()) {
+      names.push_back(std::move(name));
+    }
+  };
+  for (const Candidate& c : d.candidates) {
+    if (!c.upstream) add(c.image);
+  }
+  const std::string repo = d.original->Name();
+  for (const Rule& r : config.policy->rules()) {
+    if (&r == d.rule || !MatchCovers(r.match, repo)) continue;
+    if (r.digest_only && d.original->digest.empty()) continue;
+    for (const Mirror& m : r.mirrors) {
+      if (m.RewrittenNameLength(*d.original) <= kNameTotalLengthMax) add(m.Rewrite(*d.original));
+    }
+  }
+  return names;
 }
 
 InterceptResult PullService::RecoverStatus(CriVersion v, const std::string& request,
@@ -768,27 +801,9 @@ InterceptResult PullService::DoRecoverStatus(CriVersion v, const std::string& re
   const Decision d = config->policy->Decide(image, ctx);
   if (!d.rewritten()) return unchanged;
 
-  // Where a mirror-named copy could be: the decision's mirrors, then those of every other
-  // rule covering the repository (rules for other namespaces may have sent it elsewhere).
-  std::vector<std::string> candidates;
-  auto add = [&](std::string name) {
-    if (std::find(candidates.begin(), candidates.end(), name) == candidates.end()) {
-      candidates.push_back(std::move(name));
-    }
-  };
-  for (const Candidate& c : d.candidates) {
-    if (!c.upstream) add(c.image);
-  }
-  const std::string repo = d.original->Name();
-  for (const Rule& r : config->policy->rules()) {
-    if (&r == d.rule || !MatchCovers(r.match, repo)) continue;
-    if (r.digest_only && d.original->digest.empty()) continue;
-    for (const Mirror& m : r.mirrors) {
-      if (m.RewrittenNameLength(*d.original) <= kNameTotalLengthMax) add(m.Rewrite(*d.original));
-    }
-  }
-
-  for (const std::string& candidate : candidates) {
+  const std::vector<std::string> copies = MirrorCopies(*config, d);
+  spdlog::debug("status {}: missing; looking for a mirror copy ({} name(s))", image, copies.size());
+  for (const std::string& candidate : copies) {
     if (Cancelled(opts)) return unchanged;
     runtime::v1::ImageStatusRequest mreq;
     mreq.mutable_image()->set_image(candidate);

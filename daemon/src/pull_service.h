@@ -36,6 +36,7 @@
 
 #include "config.h"
 #include "credentials.h"
+#include "image_index.h"
 #include "interceptor.h"
 #include "mirror_health.h"
 #include "pull_observer.h"
@@ -79,6 +80,11 @@ struct PullServiceOptions {
   // Mirror liveness probes and circuit breakers (MirrorHealthChecker in the daemon), asked
   // before every mirror attempt and told how it went. Not owned; null = every mirror is tried.
   MirrorHealth* health = nullptr;
+
+  // The image names in containerd (ContainerdImageIndex in the daemon): an ImageStatus miss of a
+  // rewritten image is repaired only when a mirror copy may be there. Not owned; null = always
+  // look.
+  const ImageNameIndex* image_index = nullptr;
 };
 
 class PullService final : public ImageInterceptor {
@@ -119,6 +125,7 @@ class PullService final : public ImageInterceptor {
   // after it has applied the change); kAlreadyNamed: they already did, nothing was written
   // (a re-pull of a present image: no record writes, nothing to wait for).
   enum class AliasResult { kFailed, kWritten, kAlreadyNamed };
+  static std::vector<std::string> MirrorCopies(const Config& config, const Decision& d);
   AliasResult Alias(const Config& config, const Reference& original,
                     const std::string& mirror_image);
   // Polls ImageStatus(req) until it returns an image (with id `want_id`, unless empty) or

@@ -203,9 +203,14 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
     if (change != 0) node_metrics.OnBreaker(host, change > 0);
   };
   MirrorHealthChecker mirror_health(std::move(health_options));
+  // The image names in containerd, followed through its events (image_index.h).
+  ContainerdImageIndex image_index(channel,
+                                   [&store] { return store.Current()->node.containerd_namespace; });
+  image_index.Start();
   PullServiceOptions pull_options;
   pull_options.observer = &node_metrics;
   pull_options.health = &mirror_health;
+  pull_options.image_index = &image_index;
   PullService pulls(&store, &cri, &records, pull_options);
 
   // 4. Serve.

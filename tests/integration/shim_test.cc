@@ -274,6 +274,36 @@ TEST_F(ShimTest, StatusRepairsAMirrorNamedImage) {
   EXPECT_THAT(img.repo_tags(), Contains("docker.io/" + repo + ":latest"));
 }
 
+// The ImageStatus miss kubelet asks before every first pull: with the daemon's image index in
+// sync (containerd's events), a rewritten image with no mirror copy on the node is answered as
+// the miss it is without looking for copies; a copy that appears later (pulled straight through
+// containerd: an event) is found and named.
+TEST_F(ShimTest, StatusMissAsksForNoCopyUnlessTheIndexHasOne) {
+  std::string repo = Repo({bed->mirror1});
+  StartDaemon(MirrorConfig({bed->mirror1->host()}));
+  auto wait_for = [&](auto done) {
+    for (auto until = std::chrono::steady_clock::now() + 10s; !done();) {
+      if (std::chrono::steady_clock::now() > until) return false;
+      std::this_thread::sleep_for(20ms);
+    }
+    return true;
+  };
+  ASSERT_TRUE(wait_for([&] { return DaemonLog().find("image index: following") != std::string::npos; }))
+      << DaemonLog();
+  EXPECT_TRUE(ImageOf(*client_, repo).id().empty()) << "not on the node";
+  EXPECT_EQ(DaemonLog().find("looking for a mirror copy"), std::string::npos) << DaemonLog();
+
+  runtime::v1::PullImageRequest req;
+  req.mutable_image()->set_image(bed->mirror1->host() + "/" + repo + ":latest");
+  runtime::v1::PullImageResponse resp;
+  ASSERT_TRUE(bed->ctrd->cri().PullImage(req, &resp, 60s).ok());
+  // The create event reaches the index a moment later.
+  EXPECT_TRUE(wait_for([&] { return ImageOf(*client_, repo).id() == resp.image_ref(); }))
+      << DaemonLog();
+  EXPECT_NE(DaemonLog().find("looking for a mirror copy"), std::string::npos) << DaemonLog();
+  EXPECT_THAT(ImageOf(*client_, repo).repo_tags(), Contains("docker.io/" + repo + ":latest"));
+}
+
 // containerd 1.6 and 1.7 serve CRI v1alpha2 (kubelet 1.20-1.25); 2.x dropped it and answers
 // UNIMPLEMENTED, which must reach the caller unchanged.
 TEST_F(ShimTest, V1alpha2PullIsRewrittenToo) {

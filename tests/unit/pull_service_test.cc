@@ -330,6 +330,7 @@ class PullServiceTest : public testing::Test {
   PullServiceTest() { SetConfig(kConfig); }
 
   milliseconds linger_{0};  // PullServiceOptions::mirror_name_linger (real time)
+  const ImageNameIndex* index_ = nullptr;  // PullServiceOptions::image_index
 
   void SetConfig(const std::string& yaml) {
     std::lock_guard l(config_mu_);
@@ -341,6 +342,7 @@ class PullServiceTest : public testing::Test {
       PullServiceOptions o;
       o.alias_wait = milliseconds(2000);
       o.mirror_name_linger = linger_;
+      o.image_index = index_;
       o.now = [this] { return std::chrono::steady_clock::time_point(fake_time_.load()); };
       o.sleep = [this](milliseconds d) {
         std::lock_guard l(sleep_mu_);
@@ -1067,6 +1069,33 @@ TEST_F(PullServiceTest, StatusNeedsRecovery) {
   EXPECT_FALSE(s.StatusNeedsRecovery(CriVersion::kV1, StatusRequest("nginx"), "\xff\xff"));
   SetConfig("enabled: false\n");
   EXPECT_FALSE(s.StatusNeedsRecovery(CriVersion::kV1, StatusRequest("nginx"), Miss()));
+}
+
+// The image index answers the common miss: no mirror copy known, no recovery; unknown (not in
+// sync, another namespace), recovery as without an index. It is asked about the copies where a
+// recovery would look, in the config's containerd namespace.
+TEST_F(PullServiceTest, StatusNeedsRecoveryAsksTheIndexWhenItKnows) {
+  struct Index final : ImageNameIndex {
+    std::optional<bool> ContainsAny(std::string_view ns,
+                                    const std::vector<std::string>& names) const override {
+      asked_ns = std::string(ns);
+      asked = names;
+      return answer;
+    }
+    std::optional<bool> answer;
+    mutable std::string asked_ns;
+    mutable std::vector<std::string> asked;
+  } index;
+  index_ = &index;
+  auto& s = Service();
+  EXPECT_TRUE(s.StatusNeedsRecovery(CriVersion::kV1, StatusRequest("nginx"), Miss()));
+  EXPECT_EQ(index.asked_ns, "k8s.io");
+  EXPECT_NE(std::find(index.asked.begin(), index.asked.end(), "m1.example/library/nginx:latest"),
+            index.asked.end());
+  index.answer = false;
+  EXPECT_FALSE(s.StatusNeedsRecovery(CriVersion::kV1, StatusRequest("nginx"), Miss()));
+  index.answer = true;
+  EXPECT_TRUE(s.StatusNeedsRecovery(CriVersion::kV1, StatusRequest("nginx"), Miss()));
 }
 
 TEST_F(PullServiceTest, RecoverStatusAliasesAMirrorCopy) {
