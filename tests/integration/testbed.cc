@@ -114,11 +114,11 @@ ContainerdBuild FindContainerdUnderTest() {
   std::replace(var.begin(), var.end(), '.', '_');
   const char* dir = std::getenv(var.c_str());
   b.bin_dir = dir && *dir ? dir : FetchedContainerd(want);
-  const char* fetch_error = std::getenv("RP_CONTAINERD_FETCH_ERROR");
   if (b.bin_dir.empty()) {
+    const char* err = std::getenv("RP_CONTAINERD_FETCH_ERROR");  // set by test.sh
     b.problem = std::string("containerd ") + want +
                 " not fetched (scripts/fetch-deb.sh containerd " + want +
-                (fetch_error && *fetch_error ? ": " + std::string(fetch_error) : "") + ")";
+                (err && *err ? "; test.sh's fetch: " + std::string(err) : "") + ")";
     return b;
   }
   b.version = ContainerdVersionOf(b.bin_dir + "/containerd");
