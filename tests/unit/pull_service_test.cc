@@ -1496,6 +1496,23 @@ TEST_F(FailoverTest, CancelledDuringAProbeStopsEverything) {
                 "pull outcome=cancelled rule=docker.io/library mirror= code=1 attempts=0"}));
 }
 
+// The caller's deadline passing while the first mirror is probed: DEADLINE_EXCEEDED, as
+// containerd answers a pull whose deadline passed (critest checks the code), not UNAVAILABLE.
+TEST_F(FailoverTest, DeadlinePassingWhileProbingIsDeadlineExceeded) {
+  CallOptions opts;
+  opts.deadline = std::chrono::system_clock::now() + milliseconds(30);
+  HealthVerdict late;
+  late.action = HealthVerdict::Action::kNoTime;
+  health_.verdicts["m1.example"] = late;
+  health_.during_check = [&] { std::this_thread::sleep_until(opts.deadline + milliseconds(5)); };
+  InterceptResult r = FPull(Request("nginx", "default"), opts);
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_NE(r.status.error_message().find("the deadline passed while probing it"),
+            std::string::npos)
+      << r.status.error_message();
+  EXPECT_TRUE(fake_.pulls().empty());
+}
+
 TEST_F(FailoverTest, CancelledDuringAnAttemptIsNotTheMirrorsFault) {
   Cancellation cancel;
   fake_.on_pull = [&](const FakeContainerd::PullCall&) { cancel.Cancel(); };
