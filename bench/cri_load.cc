@@ -351,7 +351,8 @@ int Usage(const std::string& why) {
          "        [--daemon-args \"ARGS\"] [--wrap "
          "\"CMD ARGS\"]\n             "
          "   [--only WORKLOAD,...]  (Version, ImageStatus-hit, "
-         "ImageStatus-miss, pump-ctrdVersion,\n                ListImages-10, ListImages-500, "
+         "ImageStatus-miss, ImageStatus-miss-rewritten, pump-ctrdVersion,\n                "
+         "ListImages-10, ListImages-500, "
          "PullImage; a prefix selects several)\n";
   return 2;
 }
@@ -607,6 +608,12 @@ int main(int argc, char** argv) {
     miss.mutable_image()->set_image("bench.local/absent:latest");  // no rule: forwarded only
     workloads.push_back(
         {"ImageStatus-miss", "/runtime.v1.ImageService/ImageStatus", miss.SerializeAsString()});
+    // What kubelet asks before every first pull: a name a rule rewrites, not on the node. The
+    // daemon answers it from its image index (no mirror copy either), as a hit.
+    runtime::v1::ImageStatusRequest miss_rw;
+    miss_rw.mutable_image()->set_image("docker.io/rp/absent:latest");
+    workloads.push_back({"ImageStatus-miss-rewritten", "/runtime.v1.ImageService/ImageStatus",
+                         miss_rw.SerializeAsString()});
     // containerd's own Version service on the same socket: a method the daemon does not know,
     // so it takes the generic streaming pump (StartCall, Read/Write both ways, Finish).
     workloads.push_back(
