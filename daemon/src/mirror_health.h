@@ -38,8 +38,8 @@
 //
 // Breaker: a failed probe, or an attempt that failed in a way that says the mirror is down
 // (ClassifyAttempt, attempt_error.h), opens the mirror's breaker for `cooldown`: while open the
-// mirror is skipped without probing. After the cooldown the next pull probes again (half-open): alive
-// closes it, dead opens it for another cooldown.
+// mirror is skipped without probing. After the cooldown the next pull probes again (half-open):
+// alive closes it, dead opens it for another cooldown.
 //
 // Thread safety: every public method may be called from any number of threads.
 #pragma once

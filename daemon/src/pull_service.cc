@@ -590,9 +590,9 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
   }
   // The last failure's code; its message whole, after what happened at the other candidates.
   tally->outcome = PullOutcome::kFailed;
-  return {grpc::Status(last.error_code(), steps.Message(last.error_message()),
-                       last.error_details()),
-          ""};
+  return {
+      grpc::Status(last.error_code(), steps.Message(last.error_message()), last.error_details()),
+      ""};
 }
 
 // staleIfError: every candidate was down; if the requested reference is on the node, answer

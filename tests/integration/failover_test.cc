@@ -97,8 +97,8 @@ TEST_F(FailoverTest, BlackHoledFirstMirrorFailsOverWithinTheProbeTimeout) {
   ASSERT_TRUE(hole.ok()) << hole.error();
   const std::string repo = Repo({bed->mirror1});
   // Hedging off: this is the probe timeout's bound (hedge_test has the hedged pass-over).
-  StartDaemon(MirrorConfig({(*hole)->host(), bed->mirror1->host()},
-                           Node("  mirrorHedgeDelay: 0s\n")));
+  StartDaemon(
+      MirrorConfig({(*hole)->host(), bed->mirror1->host()}, Node("  mirrorHedgeDelay: 0s\n")));
 
   auto [s, secs] = TimedPull(repo);
   ASSERT_TRUE(s.ok()) << GrpcStatusText(s) << "\n" << DaemonLog();
@@ -213,7 +213,8 @@ TEST_F(FailoverTest, StalledManifestsHitTheAttemptTimeoutAndTheNextMirrorServes)
       MirrorConfig({slow->host(), bed->mirror1->host()}, Node("  pullAttemptTimeout: 3s\n")));
   auto [s, secs] = TimedPull(repo);
   ASSERT_TRUE(s.ok()) << GrpcStatusText(s) << "\n" << DaemonLog();
-  EXPECT_GE(slow->PullRequests(), 1u) << Asked(*slow) << DaemonLog() << TailFile(bed->ctrd->log_path(), 60);
+  EXPECT_GE(slow->PullRequests(), 1u)
+      << Asked(*slow) << DaemonLog() << TailFile(bed->ctrd->log_path(), 60);
   EXPECT_GE(bed->mirror1->ManifestRequests(repo), 1u);
   EXPECT_GE(secs, 2.9);  // it did wait for the attempt deadline
   EXPECT_LT(secs, 3.0 + 10.0);
@@ -326,7 +327,8 @@ TEST_F(FailoverTest, ContainerdDownStopsTheWalkAndBlamesNoMirror) {
   // the first mirror: it was not blamed.
   grpc::Status s2;
   EXPECT_TRUE(WaitFor([&] { return (s2 = TimedPull(repo, 5s).first).ok(); }, 20s, 200ms))
-      << GrpcStatusText(s2) << "\n" << DaemonLog();
+      << GrpcStatusText(s2) << "\n"
+      << DaemonLog();
   EXPECT_GE(bed->mirror1->ManifestRequests(repo), 1u);
   EXPECT_EQ(bed->mirror2->ManifestRequests(repo), 0u);
 }

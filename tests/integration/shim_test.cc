@@ -322,8 +322,8 @@ TEST_F(ShimTest, V1alpha2PullIsRewrittenToo) {
     grpc::Slice slice(bytes);
     grpc::ByteBuffer in(&slice, 1), out;
     std::promise<grpc::Status> done;
-    stub.UnaryCall(&ctx, "/runtime.v1alpha2.ImageService/PullImage", grpc::StubOptions(), &in,
-                   &out, [&](grpc::Status s) { done.set_value(s); });
+    stub.UnaryCall(&ctx, "/runtime.v1alpha2.ImageService/PullImage", grpc::StubOptions(), &in, &out,
+                   [&](grpc::Status s) { done.set_value(s); });
     return done.get_future().get();
   };
   grpc::Status s = call(socket_);

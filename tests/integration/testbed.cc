@@ -86,7 +86,7 @@ std::string FetchedContainerd(const std::string& version) {
   const char* c = std::getenv("RP_CACHE_DIR");
   const char* xdg = std::getenv("XDG_CACHE_HOME");
   const char* home = std::getenv("HOME");
-  const std::string cache = c ? c
+  const std::string cache = c     ? c
                             : xdg ? std::string(xdg) + "/registry-proxy"
                                   : std::string(home ? home : "/tmp") + "/.cache/registry-proxy";
   std::vector<std::string> found;
@@ -877,19 +877,17 @@ std::string Containerd::ConfigV3() const {
   const std::string img = "[plugins.\"io.containerd.cri.v1.images\"]\n";
   const std::string rt = "[plugins.\"io.containerd.cri.v1.runtime\"";
   return "version = 3\nroot = \"" + d + "/root\"\nstate = \"" + d + "/state\"\n" +
-         "[grpc]\n  address = \"" + socket_path() + "\"\n" +
-         "[ttrpc]\n  address = \"" + socket_path() + ".ttrpc\"\n" +
-         "[debug]\n  address = \"" + d + "/debug.sock\"\n" +
+         "[grpc]\n  address = \"" + socket_path() + "\"\n" + "[ttrpc]\n  address = \"" +
+         socket_path() + ".ttrpc\"\n" + "[debug]\n  address = \"" + d + "/debug.sock\"\n" +
          "[metrics]\n  address = \"\"\n" +
          "[plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"" + d + "/opt\"\n" + img +
          "  snapshotter = \"overlayfs\"\n" +
          "[plugins.\"io.containerd.cri.v1.images\".pinned_images]\n  sandbox = \"" +
          options_.sandbox_image + "\"\n" +
-         "[plugins.\"io.containerd.cri.v1.images\".registry]\n  config_path = \"" +
-         certs_dir() + "\"\n" + rt + "]\n  disable_apparmor = true\n" +
-         "  restrict_oom_score_adj = true\n" + rt + ".containerd]\n" +
-         "  default_runtime_name = \"runc\"\n" + rt + ".containerd.runtimes.runc]\n" +
-         "  runtime_type = \"io.containerd.runc.v2\"\n" + rt +
+         "[plugins.\"io.containerd.cri.v1.images\".registry]\n  config_path = \"" + certs_dir() +
+         "\"\n" + rt + "]\n  disable_apparmor = true\n" + "  restrict_oom_score_adj = true\n" + rt +
+         ".containerd]\n" + "  default_runtime_name = \"runc\"\n" + rt +
+         ".containerd.runtimes.runc]\n" + "  runtime_type = \"io.containerd.runc.v2\"\n" + rt +
          ".containerd.runtimes.runc.options]\n  BinaryName = \"" + std::string(kRunc) + "\"\n" +
          "  Root = \"" + d + "/runc-root\"\n  SystemdCgroup = false\n" + rt + ".cni]\n" +
          "  bin_dirs = [\"/usr/lib/cni\"]\n  conf_dir = \"" + d + "/cni/net.d\"\n";
