@@ -8,6 +8,7 @@
 #include "github.com/containerd/containerd/api/events/image.pb.h"
 #include "github.com/containerd/containerd/api/services/events/v1/events.grpc.pb.h"
 #include "github.com/containerd/containerd/api/services/images/v1/images.grpc.pb.h"
+#include "upstream_grpc.h"
 
 namespace registry_proxy {
 namespace {
@@ -18,16 +19,6 @@ namespace images = containerd::services::images::v1;
 constexpr char kNamespaceHeader[] = "containerd-namespace";
 constexpr std::chrono::seconds kRetry{1};  // after the stream or the list failed
 constexpr std::chrono::seconds kListTimeout{30};
-
-// A value in containerd's filter syntax: quoted, with `\` and `"` escaped.
-std::string Quoted(std::string_view s) {
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '\\' || c == '"') out += '\\';
-    out += c;
-  }
-  return out + "\"";
-}
 
 }  // namespace
 
@@ -108,7 +99,7 @@ void ContainerdImageIndex::FollowOnce(const std::string& ns) {
     stream_ctx_ = &ctx;
   }
   events::SubscribeRequest sreq;
-  sreq.add_filters("namespace==" + Quoted(ns) + ",topic~=\"^/images/\"");
+  sreq.add_filters("namespace==" + ContainerdFilterValue(ns) + ",topic~=\"^/images/\"");
   auto stream = events::Events::NewStub(channel_)->Subscribe(&ctx, sreq);
 
   // Then the names already there (see the header on the order).

@@ -633,19 +633,28 @@ PullService::AliasResult PullService::Alias(const Config& config, const Referenc
   const std::string original_name = original.NormalizedString();
 
   std::lock_guard lock(AliasLock(original.Name()));
-  ImageRecord rec;
-  grpc::Status s = records_->Get(mirror_name, &rec);
-  if (s.error_code() == grpc::StatusCode::NOT_FOUND) {
-    // Another pull or recovery of this image got here first, aliased it and dropped the mirror
-    // names (under this lock, so it finished). The original record says so.
-    ImageRecord existing;
-    if (records_->Get(original_name, &existing).ok()) return AliasResult::kWritten;
-  }
-  if (!s.ok()) {
-    spdlog::error("alias {}: cannot read the record of {}: {}", original_name, mirror_name,
+  // The mirror's record and the original's, in one call to containerd.
+  std::vector<ImageRecord> found;
+  if (grpc::Status s = records_->GetMany({mirror_name, original_name}, &found); !s.ok()) {
+    spdlog::error("alias {}: cannot read the records of {}: {}", original_name, mirror_name,
                   Outcome(s));
     return kFailed;
   }
+  const auto record_of = [&](const std::string& name) -> const ImageRecord* {
+    auto it = std::find_if(found.begin(), found.end(),
+                           [&](const ImageRecord& r) { return r.name == name; });
+    return it == found.end() ? nullptr : &*it;
+  };
+  const ImageRecord* mirror_rec = record_of(mirror_name);
+  const ImageRecord* original_rec = record_of(original_name);
+  if (!mirror_rec) {
+    // Another pull or recovery of this image got here first, aliased it and dropped the mirror
+    // names (under this lock, so it finished). The original record says so.
+    if (original_rec) return AliasResult::kWritten;
+    spdlog::error("alias {}: the record of {} is gone", original_name, mirror_name);
+    return kFailed;
+  }
+  const ImageRecord rec = *mirror_rec;
   if (rec.target_digest.empty()) {
     spdlog::error("alias {}: the record of {} has no target digest", original_name, mirror_name);
     return kFailed;
@@ -663,11 +672,22 @@ PullService::AliasResult PullService::Alias(const Config& config, const Referenc
   alias.labels[kCriManagedLabel] = kCriManagedValue;  // CRI picks it up fastest with this
   alias.labels[kSourceLabel] = mirror_image;
   // A re-pull of a present image: the names already say all this (reads cost no disk write).
-  const bool already = std::all_of(names.begin(), names.end(), [&](const std::string& name) {
-    ImageRecord cur;
-    return records_->Get(name, &cur).ok() && cur.target_digest == alias.target_digest &&
+  // A name@digest record always targets that digest; the image index tells whether it is
+  // there, else containerd is asked.
+  const auto same = [&](const ImageRecord& cur) {
+    return cur.target_digest == alias.target_digest &&
            cur.target_media_type == alias.target_media_type && cur.labels == alias.labels;
-  });
+  };
+  const bool already =
+      original_rec && same(*original_rec) &&
+      std::all_of(names.begin() + 1, names.end(), [&](const std::string& name) {
+        if (options_.image_index &&
+            options_.image_index->ContainsAny(config.node.containerd_namespace, {name}) == true) {
+          return true;
+        }
+        ImageRecord cur;
+        return records_->Get(name, &cur).ok() && same(cur);
+      });
   for (const std::string& name : already ? std::vector<std::string>{} : names) {
     alias.name = name;
     if (grpc::Status ps = records_->Put(alias); !ps.ok()) {

@@ -95,6 +95,20 @@ class ImageRecordStore {
   virtual grpc::Status Put(const ImageRecord& record) = 0;
   // OK when it did not exist.
   virtual grpc::Status Delete(const std::string& name) = 0;
+  // The records of those of `names` that exist (in no particular order). The daemon's store
+  // asks containerd once; this default asks Get for each.
+  virtual grpc::Status GetMany(const std::vector<std::string>& names,
+                               std::vector<ImageRecord>* found) {
+    found->clear();
+    for (const std::string& name : names) {
+      ImageRecord r;
+      grpc::Status s = Get(name, &r);
+      if (s.error_code() == grpc::StatusCode::NOT_FOUND) continue;
+      if (!s.ok()) return s;
+      found->push_back(std::move(r));
+    }
+    return grpc::Status::OK;
+  }
 };
 
 }  // namespace registry_proxy

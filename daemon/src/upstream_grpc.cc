@@ -62,6 +62,15 @@ void ToProto(const ImageRecord& r, images::Image* image) {
 
 }  // namespace
 
+std::string ContainerdFilterValue(std::string_view value) {
+  std::string out = "\"";
+  for (char c : value) {
+    if (c == '\\' || c == '"') out += '\\';
+    out += c;
+  }
+  return out + "\"";
+}
+
 std::shared_ptr<grpc::Channel> MakeUpstreamChannel(const std::string& endpoint,
                                                    int max_message_bytes) {
   grpc::ChannelArguments args;
@@ -158,6 +167,23 @@ void GrpcImageRecordStore::Prepare(grpc::ClientContext* ctx) const {
   if (options_.timeout.count() > 0) {
     ctx->set_deadline(std::chrono::system_clock::now() + options_.timeout);
   }
+}
+
+grpc::Status GrpcImageRecordStore::GetMany(const std::vector<std::string>& names,
+                                           std::vector<ImageRecord>* found) {
+  found->clear();
+  if (names.empty()) return grpc::Status::OK;
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  images::ListImagesRequest req;
+  for (const std::string& name : names) {
+    req.add_filters("name==" + ContainerdFilterValue(name));  // filters are OR'ed
+  }
+  images::ListImagesResponse resp;
+  grpc::Status s = stub_->List(&ctx, req, &resp);
+  if (!s.ok()) return s;
+  for (const images::Image& image : resp.images()) found->push_back(FromProto(image));
+  return s;
 }
 
 grpc::Status GrpcImageRecordStore::Get(const std::string& name, ImageRecord* out) {

@@ -11,11 +11,15 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "github.com/containerd/containerd/api/services/images/v1/images.grpc.pb.h"
 #include "upstream.h"
 
 namespace registry_proxy {
+
+// `value` as a quoted value in containerd's filter syntax (`name==<this>`): `\` and `"` escaped.
+std::string ContainerdFilterValue(std::string_view value);
 
 // A channel to the upstream CRI socket, tuned for a local peer that restarts: reconnect
 // within a second, not gRPC's default two minutes.
@@ -73,6 +77,8 @@ class GrpcImageRecordStore final : public ImageRecordStore {
   grpc::Status Get(const std::string& name, ImageRecord* out) override;
   grpc::Status Put(const ImageRecord& record) override;
   grpc::Status Delete(const std::string& name) override;
+  grpc::Status GetMany(const std::vector<std::string>& names,
+                       std::vector<ImageRecord>* found) override;  // one List call
 
  private:
   void Prepare(grpc::ClientContext* ctx) const;
