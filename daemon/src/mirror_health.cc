@@ -241,7 +241,9 @@ void MirrorHealthChecker::Finish(const std::shared_ptr<Probe>& p, ProbeResult re
     if (p->closed) spdlog::info("mirror {}: circuit breaker closed: probe alive", p->host);
     if (options_.on_unclaimed_probe) {
       options_.on_unclaimed_probe(p->host, p->result, p->duration,
-                                  p->opened ? 1 : p->closed ? -1 : 0);
+                                  p->opened   ? 1
+                                  : p->closed ? -1
+                                              : 0);
     }
   }
   finished_.notify_all();

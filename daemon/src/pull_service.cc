@@ -200,9 +200,8 @@ void PullService::DropLater(const std::string& mirror_name, std::vector<std::str
 void PullService::DropWhenDue() {
   std::unique_lock lock(linger_mu_);
   while (!lingering_.empty()) {
-    auto next = std::min_element(lingering_.begin(), lingering_.end(), [](auto& a, auto& b) {
-      return a.second.due < b.second.due;
-    });
+    auto next = std::min_element(lingering_.begin(), lingering_.end(),
+                                 [](auto& a, auto& b) { return a.second.due < b.second.due; });
     if (!stopping_ && std::chrono::steady_clock::now() < next->second.due) {
       linger_cv_.wait_until(lock, next->second.due);
       continue;  // an entry may have moved or come

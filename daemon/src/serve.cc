@@ -196,8 +196,7 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
   // Probes and circuit breakers (mirror_health.h); the probe answers no pull waited for (hedging)
   // are counted here, the others by the pull service.
   MirrorHealthChecker::Options health_options;
-  health_options.on_unclaimed_probe = [&node_metrics](const std::string& host,
-                                                      const ProbeResult& r,
+  health_options.on_unclaimed_probe = [&node_metrics](const std::string& host, const ProbeResult& r,
                                                       std::chrono::nanoseconds took, int change) {
     node_metrics.OnProbe(host, r.alive, took);
     if (change != 0) node_metrics.OnBreaker(host, change > 0);

@@ -288,8 +288,9 @@ TEST_F(ShimTest, StatusMissAsksForNoCopyUnlessTheIndexHasOne) {
     }
     return true;
   };
-  ASSERT_TRUE(wait_for([&] { return DaemonLog().find("image index: following") != std::string::npos; }))
-      << DaemonLog();
+  ASSERT_TRUE(wait_for([&] {
+    return DaemonLog().find("image index: following") != std::string::npos;
+  })) << DaemonLog();
   EXPECT_TRUE(ImageOf(*client_, repo).id().empty()) << "not on the node";
   EXPECT_EQ(DaemonLog().find("looking for a mirror copy"), std::string::npos) << DaemonLog();
 

@@ -12,8 +12,8 @@
 #include <memory>
 #include <string>
 
-#include "upstream_grpc.h"  // MakeUpstreamChannel: the daemon's channel settings
 #include "k8s.io/cri-api/pkg/apis/runtime/v1/api.grpc.pb.h"
+#include "upstream_grpc.h"  // MakeUpstreamChannel: the daemon's channel settings
 
 namespace registry_proxy {
 namespace {

@@ -340,9 +340,8 @@ TEST(WatchConfigBinaryTest, FollowsEditsRejectsBadFilesAndReloadsOnSighup) {
 // serve without containerd: the relay dials containerd only when a call comes, so starting,
 // reloading and stopping need none.
 std::vector<std::string> ServeArgs(const TempDir& dir, const fs::path& cfg) {
-  return {RP_BINARY,           "serve",
-          "--config",          cfg.string(),
-          "--listen",          "unix://" + (dir.path() / "rp.sock").string(),
+  return {RP_BINARY,           "serve",    "--config",
+          cfg.string(),        "--listen", "unix://" + (dir.path() / "rp.sock").string(),
           "--metrics-address", ""};
 }
 

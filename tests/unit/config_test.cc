@@ -766,9 +766,9 @@ TEST(ConfigNode, FailoverSettingsDefaultsAndDurations) {
   EXPECT_EQ(n.containerd_hosts_dir, "/run/containerd/certs.d");
   EXPECT_EQ(n.pull_attempt_timeout, std::chrono::minutes(5));
   EXPECT_EQ(n.pull_timeout, std::chrono::hours(1));
-  ConfigLoad zero =
-      Parse("node:\n  mirrorCooldown: 0\n  pullTimeout: \"0\"\n  containerdHostsDir: \"\"\n"
-            "  mirrorHedgeDelay: 0\n");
+  ConfigLoad zero = Parse(
+      "node:\n  mirrorCooldown: 0\n  pullTimeout: \"0\"\n  containerdHostsDir: \"\"\n"
+      "  mirrorHedgeDelay: 0\n");
   ASSERT_TRUE(zero.ok()) << zero.ErrorText();
   EXPECT_EQ(zero.config->node.mirror_cooldown, std::chrono::milliseconds(0));
   EXPECT_EQ(zero.config->node.mirror_hedge_delay, std::chrono::milliseconds(0));

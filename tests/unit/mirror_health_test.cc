@@ -282,9 +282,8 @@ class HedgeTest : public testing::Test {
   ~HedgeTest() override { checker_.reset(); }  // stops the probes still waiting
 
   std::future<HealthVerdict> CheckAsync(std::string host, std::vector<std::string> later) {
-    return std::async(std::launch::async, [this, host, later] {
-      return checker_->Check(host, later, settings_, {});
-    });
+    return std::async(std::launch::async,
+                      [this, host, later] { return checker_->Check(host, later, settings_, {}); });
   }
   // Waits (real time, generously) until host's probe has started; false if it never does.
   bool Started(const std::string& host) {
@@ -362,8 +361,7 @@ TEST_F(HedgeTest, ABlackHoledMirrorIsPassedOverOnceALaterOneIsAliveAndTheDelayHa
   Answer("m1.example", false);
   ASSERT_TRUE(Recorded("m1.example"));
   EXPECT_TRUE(checker_->IsOpen("m1.example"));
-  EXPECT_EQ(checker_->Check("m1.example", {"m2.example"}, settings_, {}).action,
-            Action::kCooldown);
+  EXPECT_EQ(checker_->Check("m1.example", {"m2.example"}, settings_, {}).action, Action::kCooldown);
   EXPECT_EQ(StartedProbes().size(), 3u);
   // Nobody waited for any of these answers: each was handed to on_unclaimed_probe (the
   // daemon's metrics), m1's with the breaker it opened.

@@ -329,7 +329,7 @@ class PullServiceTest : public testing::Test {
  protected:
   PullServiceTest() { SetConfig(kConfig); }
 
-  milliseconds linger_{0};  // PullServiceOptions::mirror_name_linger (real time)
+  milliseconds linger_{0};                 // PullServiceOptions::mirror_name_linger (real time)
   const ImageNameIndex* index_ = nullptr;  // PullServiceOptions::image_index
 
   void SetConfig(const std::string& yaml) {
@@ -1329,16 +1329,15 @@ TEST_F(FailoverTest, SlowMirrorIsPassedOverForThisPullWithoutBlame) {
   EXPECT_EQ(fake_.pulled_images(), std::vector<std::string>{"m2.example/library/nginx:latest"});
   // Each Check names the mirrors after it, in order (upstream is not one).
   EXPECT_EQ(health_.checks, (std::vector<std::string>{"m1.example", "m2.example"}));
-  EXPECT_EQ(health_.laters,
-            (std::vector<std::vector<std::string>>{{"m2.example"}, {}}));
+  EXPECT_EQ(health_.laters, (std::vector<std::vector<std::string>>{{"m2.example"}, {}}));
   EXPECT_EQ(health_.last_settings.hedge_delay, milliseconds(400));  // the default
   // Slow is not down: nothing is reported for m1, its breaker stays as its probe leaves it.
   EXPECT_EQ(health_.reports, std::vector<std::string>{"m2.example ok"});
-  EXPECT_EQ(observer_.calls(),
-            (std::vector<std::string>{
-                "skipped m1.example slow",
-                "attempt rule=docker.io/library target=m2.example code=0",
-                "pull outcome=mirror rule=docker.io/library mirror=m2.example code=0 attempts=1"}));
+  EXPECT_EQ(
+      observer_.calls(),
+      (std::vector<std::string>{
+          "skipped m1.example slow", "attempt rule=docker.io/library target=m2.example code=0",
+          "pull outcome=mirror rule=docker.io/library mirror=m2.example code=0 attempts=1"}));
   EXPECT_NE(log.text().find("attempt 1/3 m1.example/library/nginx:latest (mirror) "
                             "namespace=default rule=rules[0] (test.yaml:5): skipped: slow: probe "
                             "https://m1.example/v2/ has not answered in 400ms and mirror "

@@ -1,6 +1,7 @@
-// Socket activation: the relay (H2Relay) serving a listening socket it was given (ProxyOptions::listen_fd,
-// as systemd's registry-proxy.socket passes it), and SdListenFd's checks of the environment.
-// The upstream is a small real gRPC server on a unix socket answering RuntimeService.Version.
+// Socket activation: the relay (H2Relay) serving a listening socket it was given
+// (ProxyOptions::listen_fd, as systemd's registry-proxy.socket passes it), and SdListenFd's checks
+// of the environment. The upstream is a small real gRPC server on a unix socket answering
+// RuntimeService.Version.
 #include <gmock/gmock.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
