@@ -35,51 +35,11 @@ DelayProxy::DelayProxy(std::string backend_host, std::chrono::milliseconds delay
 
 DelayProxy::~DelayProxy() {
   stopping_ = true;
-  if (listen_fd_ >= 0) shutdown(listen_fd_, SHUT_RDWR);  // wakes accept()
-  if (acceptor_.joinable()) acceptor_.join();
-  std::list<std::thread> workers;
-  {
-    std::lock_guard lock(mu_);
-    for (int fd : open_fds_) shutdown(fd, SHUT_RDWR);  // wakes poll()
-    workers.swap(workers_);
-  }
-  for (std::thread& t : workers) t.join();
-  if (listen_fd_ >= 0) close(listen_fd_);
+  listener_.Stop();
 }
 
 Status DelayProxy::Start() {
-  listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (listen_fd_ < 0) return Status::Error(std::string("socket: ") + std::strerror(errno));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(addr);
-  if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      listen(listen_fd_, 64) != 0 ||
-      getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    return Status::Error(std::string("delay proxy listen: ") + std::strerror(errno));
-  }
-  port_ = ntohs(addr.sin_port);
-  acceptor_ = std::thread([this] { AcceptLoop(); });
-  return Status::Ok();
-}
-
-void DelayProxy::AcceptLoop() {
-  while (!stopping_) {
-    int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) {
-      if (errno == EINTR || errno == ECONNABORTED) continue;
-      return;  // shut down
-    }
-    ++connections_;
-    std::lock_guard lock(mu_);
-    if (stopping_) {
-      close(fd);
-      return;
-    }
-    open_fds_.push_back(fd);
-    workers_.emplace_back([this, fd] { Relay(fd); });
-  }
+  return listener_.Start([this](int fd) { Relay(fd); }, "delay proxy");
 }
 
 void DelayProxy::Relay(int client) {
@@ -90,10 +50,7 @@ void DelayProxy::Relay(int client) {
   inet_pton(AF_INET, backend_.substr(0, colon).c_str(), &addr.sin_addr);
   int server = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (server >= 0 && connect(server, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    {
-      std::lock_guard lock(mu_);
-      open_fds_.push_back(server);
-    }
+    listener_.Track(server);
     const int one = 1;
     setsockopt(client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     setsockopt(server, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -127,12 +84,10 @@ void DelayProxy::Relay(int client) {
       }
     }
   }
-  std::lock_guard lock(mu_);
-  for (auto it = open_fds_.begin(); it != open_fds_.end();) {
-    it = (*it == client || *it == server) ? open_fds_.erase(it) : it + 1;
+  if (server >= 0) {
+    listener_.Untrack(server);
+    close(server);
   }
-  if (server >= 0) close(server);
-  close(client);
 }
 
 }  // namespace rp_testbed

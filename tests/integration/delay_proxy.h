@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "loopback_listener.h"
 #include "status.h"
 
 namespace rp_testbed {
@@ -26,24 +27,18 @@ class DelayProxy {
   DelayProxy& operator=(const DelayProxy&) = delete;
 
   registry_proxy::Status Start();
-  std::string host() const { return "127.0.0.1:" + std::to_string(port_); }
-  size_t connections() const { return connections_.load(); }
+  std::string host() const { return "127.0.0.1:" + std::to_string(listener_.port()); }
+  size_t connections() const { return listener_.connections(); }
   size_t requests() const { return requests_.load(); }  // request chunks relayed (approx.)
 
  private:
-  void AcceptLoop();
   void Relay(int client);
 
   std::string backend_;
   std::chrono::milliseconds delay_;
-  int listen_fd_ = -1;
-  int port_ = 0;
   std::atomic<bool> stopping_{false};
-  std::atomic<size_t> connections_{0}, requests_{0};
-  std::thread acceptor_;
-  std::mutex mu_;
-  std::list<std::thread> workers_;  // guarded by mu_
-  std::vector<int> open_fds_;       // guarded by mu_
+  std::atomic<size_t> requests_{0};
+  LoopbackListener listener_;  // stopped first, in the destructor
 };
 
 }  // namespace rp_testbed

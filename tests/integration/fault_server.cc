@@ -20,51 +20,11 @@ FaultServer::FaultServer(Behavior api_root, Behavior other, std::chrono::millise
 FaultServer::~FaultServer() {
   stopping_ = true;
   cv_.notify_all();
-  if (listen_fd_ >= 0) shutdown(listen_fd_, SHUT_RDWR);  // wakes accept()
-  if (acceptor_.joinable()) acceptor_.join();
-  std::list<std::thread> workers;
-  {
-    std::lock_guard lock(mu_);
-    for (int fd : open_fds_) shutdown(fd, SHUT_RDWR);  // wakes recv()
-    workers.swap(workers_);
-  }
-  for (std::thread& t : workers) t.join();
-  if (listen_fd_ >= 0) close(listen_fd_);
+  listener_.Stop();
 }
 
 Status FaultServer::Start() {
-  listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (listen_fd_ < 0) return Status::Error(std::string("socket: ") + std::strerror(errno));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(addr);
-  if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      listen(listen_fd_, 64) != 0 ||
-      getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    return Status::Error(std::string("fault server listen: ") + std::strerror(errno));
-  }
-  port_ = ntohs(addr.sin_port);
-  acceptor_ = std::thread([this] { AcceptLoop(); });
-  return Status::Ok();
-}
-
-void FaultServer::AcceptLoop() {
-  while (!stopping_) {
-    int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) {
-      if (errno == EINTR || errno == ECONNABORTED) continue;
-      return;  // shut down
-    }
-    ++connections_;
-    std::lock_guard lock(mu_);
-    if (stopping_) {
-      close(fd);
-      return;
-    }
-    open_fds_.push_back(fd);
-    workers_.emplace_back([this, fd] { Serve(fd); });
-  }
+  return listener_.Start([this](int fd) { Serve(fd); }, "fault server");
 }
 
 bool FaultServer::Wait(std::chrono::milliseconds d) {
@@ -153,9 +113,6 @@ void FaultServer::Serve(int fd) {
     }
     if (!answer.empty() && send(fd, answer.data(), answer.size(), MSG_NOSIGNAL) < 0) open = false;
   }
-  std::lock_guard lock(mu_);
-  open_fds_.erase(std::find(open_fds_.begin(), open_fds_.end(), fd));
-  close(fd);
 }
 
 std::vector<FaultServer::Request> FaultServer::Requests() const {

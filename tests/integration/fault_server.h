@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "loopback_listener.h"
 #include "status.h"
 
 namespace rp_testbed {
@@ -40,32 +41,26 @@ class FaultServer {
   FaultServer& operator=(const FaultServer&) = delete;
 
   registry_proxy::Status Start();
-  std::string host() const { return "127.0.0.1:" + std::to_string(port_); }
+  std::string host() const { return "127.0.0.1:" + std::to_string(listener_.port()); }
 
   std::vector<Request> Requests() const;
   // Requests whose path starts with `prefix` ("/v2/" alone matches only the API root).
   size_t Count(const std::string& method, const std::string& prefix) const;
   size_t ProbeRequests() const;  // GET /v2/ by registry-proxy's probe
   size_t PullRequests() const;   // anything but the API root (manifests, blobs)
-  size_t connections() const { return connections_.load(); }
+  size_t connections() const { return listener_.connections(); }
 
  private:
-  void AcceptLoop();
   void Serve(int fd);
   bool Wait(std::chrono::milliseconds d);  // false when stopping
 
   Behavior api_root_, other_;
   std::chrono::milliseconds stall_;
-  int listen_fd_ = -1;
-  int port_ = 0;
   std::atomic<bool> stopping_{false};
-  std::atomic<size_t> connections_{0};
-  std::thread acceptor_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::vector<Request> requests_;   // guarded by mu_
-  std::list<std::thread> workers_;  // guarded by mu_
-  std::vector<int> open_fds_;       // guarded by mu_
+  std::vector<Request> requests_;  // guarded by mu_
+  LoopbackListener listener_;      // stopped first, in the destructor
 };
 
 }  // namespace rp_testbed
