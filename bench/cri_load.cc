@@ -656,8 +656,8 @@ int main(int argc, char** argv) {
   registry_proxy::GrpcImageRecordStore records(
       grpc::CreateChannel(ctrd->endpoint(), grpc::InsecureChannelCredentials()), "k8s.io");
   registry_proxy::ImageRecord record0;
-  if (grpc::Status s = records.Get(mirror_ref, &record0); !s.ok() && Selected(o, "ListImages")) {
-    std::cerr << "image record " << mirror_ref << ": " << StatusText(s) << "\n";
+  if (registry_proxy::RpcStatus s = records.Get(mirror_ref, &record0); !s.ok() && Selected(o, "ListImages")) {
+    std::cerr << "image record " << mirror_ref << ": " << registry_proxy::RpcStatusText(s) << "\n";
     return 1;
   }
   int have = 1;
@@ -668,8 +668,8 @@ int main(int argc, char** argv) {
       char name[64];
       std::snprintf(name, sizeof name, "bench.local/list/img-%03d:latest", have);
       r.name = name;
-      if (grpc::Status s = records.Put(r); !s.ok()) {
-        std::cerr << "image record " << name << ": " << StatusText(s) << "\n";
+      if (registry_proxy::RpcStatus s = records.Put(r); !s.ok()) {
+        std::cerr << "image record " << name << ": " << registry_proxy::RpcStatusText(s) << "\n";
         return 1;
       }
     }

@@ -84,8 +84,8 @@ bool SaysNotFound(std::string_view msg) {
 
 }  // namespace
 
-AttemptVerdict ClassifyAttempt(const grpc::Status& s, bool own_deadline_hit, bool caller_gone) {
-  using C = grpc::StatusCode;
+AttemptVerdict ClassifyAttempt(const RpcStatus& s, bool own_deadline_hit, bool caller_gone) {
+  using C = RpcCode;
   if (s.ok()) return {AttemptClass::kOk, ""};
   const C code = s.error_code();
   const std::string& msg = s.error_message();

@@ -7,10 +7,11 @@
 // better, and no mirror is to blame); a caller that went away ends the call.
 #pragma once
 
-#include <grpcpp/support/status.h>
 
 #include <string>
 #include <string_view>
+
+#include "base/rpc_status.h"
 
 namespace registry_proxy {
 
@@ -31,7 +32,7 @@ struct AttemptVerdict {
 
 // s: containerd's answer. own_deadline_hit: the attempt ran into the deadline we set for it
 // (node.pullAttemptTimeout/pullTimeout), not the caller's. caller_gone: the caller cancelled.
-AttemptVerdict ClassifyAttempt(const grpc::Status& s, bool own_deadline_hit, bool caller_gone);
+AttemptVerdict ClassifyAttempt(const RpcStatus& s, bool own_deadline_hit, bool caller_gone);
 
 // "down", "not found", "caller went away", "containerd failed", "failed"; "ok".
 std::string_view AttemptClassName(AttemptClass c);

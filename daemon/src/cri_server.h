@@ -4,12 +4,12 @@
 // ImageInterceptor (tests/unit/h2_relay_test.cc).
 #pragma once
 
-#include <grpcpp/support/status.h>
 
 #include <chrono>
 #include <string>
 #include <string_view>
 
+#include "base/rpc_status.h"
 #include "status.h"
 
 namespace registry_proxy {
@@ -19,7 +19,7 @@ namespace registry_proxy {
 class CallObserver {
  public:
   virtual ~CallObserver() = default;
-  virtual void OnCallDone(std::string_view method, grpc::StatusCode code,
+  virtual void OnCallDone(std::string_view method, RpcCode code,
                           std::chrono::nanoseconds duration) = 0;
 };
 

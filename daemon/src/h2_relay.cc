@@ -48,7 +48,7 @@ constexpr size_t kMaxOwnMessage = 2 << 10;
 constexpr size_t kMaxOwnDetails = 4 << 10;
 constexpr int kGrpcFrameHeader = 5;
 
-// gRPC status codes used here (grpc::StatusCode values; the wire carries the numbers).
+// gRPC status codes used here (RpcCode values; the wire carries the numbers).
 constexpr int kCancelled = 1;
 constexpr int kUnknown = 2;
 constexpr int kResourceExhausted = 8;
@@ -1086,7 +1086,7 @@ void H2Relay::OnDownstreamClosed(Stream* st, uint32_t error_code) {
   }
   active_calls_.fetch_sub(1, std::memory_order_relaxed);
   if (observer_) {
-    observer_->OnCallDone(st->path, static_cast<grpc::StatusCode>(code),
+    observer_->OnCallDone(st->path, static_cast<RpcCode>(code),
                           std::chrono::steady_clock::now() - st->started);
   }
   if (st->cancellation) st->cancellation->Cancel();
@@ -1162,7 +1162,7 @@ void H2Relay::OnCompletions() {
     Stream* st = it->second;
     st->worker = false;
     if (st->down && !st->response_started) {
-      const grpc::Status& s = c.result.status;
+      const RpcStatus& s = c.result.status;
       if (s.ok()) {
         if (st->response_headers.empty()) {
           st->response_headers = {{":status", "200"}, {"content-type", "application/grpc"}};

@@ -1,3 +1,4 @@
+#include "grpc_status.h"
 #include "image_index.h"
 
 #include <spdlog/spdlog.h>
@@ -108,7 +109,7 @@ void ContainerdImageIndex::FollowOnce(const std::string& ns) {
   grpc::ClientContext lctx;
   lctx.AddMetadata(kNamespaceHeader, ns);
   lctx.set_deadline(std::chrono::system_clock::now() + kListTimeout);
-  grpc::Status s = images::Images::NewStub(channel_)->List(&lctx, lreq, &lresp);
+  RpcStatus s = FromGrpc(images::Images::NewStub(channel_)->List(&lctx, lreq, &lresp));
   if (s.ok()) {
     std::lock_guard lock(mu_);
     names_.clear();
@@ -127,7 +128,7 @@ void ContainerdImageIndex::FollowOnce(const std::string& ns) {
     if (env.namespace_() != ns || !event.ParseFromString(env.event().value())) continue;
     Apply(env.topic(), event.name());
   }
-  grpc::Status end = stream->Finish();
+  RpcStatus end = FromGrpc(stream->Finish());
   std::lock_guard lock(mu_);
   stream_ctx_ = nullptr;
   if (s.ok() && !stopping_ && !resync_) {

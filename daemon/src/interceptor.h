@@ -13,7 +13,7 @@ namespace registry_proxy {
 
 // The outcome of an intercepted call: a status, and the serialized response when OK.
 struct InterceptResult {
-  grpc::Status status;
+  RpcStatus status;
   std::string response;  // serialized response message (when status is OK)
 };
 

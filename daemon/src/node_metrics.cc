@@ -18,7 +18,7 @@ std::vector<double> CallBuckets() {
 std::vector<double> PullBuckets() { return {0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600}; }
 std::vector<double> ProbeBuckets() { return {0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5}; }
 
-std::string_view CodeLabel(grpc::StatusCode code) { return GrpcCodeName(code); }
+std::string_view CodeLabel(RpcCode code) { return RpcCodeName(code); }
 
 }  // namespace
 
@@ -77,7 +77,7 @@ NodeMetrics::MethodChildren& NodeMetrics::Method(std::string_view method) {
   return it->second;
 }
 
-void NodeMetrics::OnCallDone(std::string_view method, grpc::StatusCode code,
+void NodeMetrics::OnCallDone(std::string_view method, RpcCode code,
                              std::chrono::nanoseconds duration) {
   const size_t c = static_cast<size_t>(code);
   metrics::Counter* counter;
@@ -110,7 +110,7 @@ void NodeMetrics::OnPull(const PullReport& report) {
   pull_seconds_.With({outcome}).Observe(Seconds(report.duration));
 }
 
-void NodeMetrics::OnAttempt(std::string_view rule, std::string_view target, grpc::StatusCode code,
+void NodeMetrics::OnAttempt(std::string_view rule, std::string_view target, RpcCode code,
                             std::chrono::nanoseconds duration) {
   attempts_.With({rule, target, CodeLabel(code)}).Inc();
   attempt_seconds_.With({target}).Observe(Seconds(duration));
@@ -173,10 +173,10 @@ Readiness UpstreamCheck::Check() {
   ctx.set_deadline(std::chrono::system_clock::now() + timeout_);
   runtime::v1::VersionRequest req;
   runtime::v1::VersionResponse resp;
-  const grpc::Status s = stub.Version(&ctx, req, &resp);
+  const RpcStatus s = FromGrpc(stub.Version(&ctx, req, &resp));
   calls_.fetch_add(1);
   last_.ready = s.ok();
-  last_.reason = s.ok() ? "" : "upstream CRI does not answer Version: " + GrpcStatusText(s);
+  last_.reason = s.ok() ? "" : "upstream CRI does not answer Version: " + RpcStatusText(s);
   checked_ = std::chrono::steady_clock::now();
   have_ = true;
   return last_;

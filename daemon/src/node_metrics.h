@@ -51,11 +51,11 @@ class NodeMetrics final : public CallObserver, public PullObserver {
   explicit NodeMetrics(metrics::Registry* registry) : NodeMetrics(registry, Options{}) {}
 
   // CallObserver
-  void OnCallDone(std::string_view method, grpc::StatusCode code,
+  void OnCallDone(std::string_view method, RpcCode code,
                   std::chrono::nanoseconds duration) override;
   // PullObserver
   void OnPull(const PullReport& report) override;
-  void OnAttempt(std::string_view rule, std::string_view target, grpc::StatusCode code,
+  void OnAttempt(std::string_view rule, std::string_view target, RpcCode code,
                  std::chrono::nanoseconds duration) override;
   void OnMirrorSkipped(std::string_view mirror, SkipReason reason) override;
   void OnProbe(std::string_view mirror, bool alive, std::chrono::nanoseconds duration) override;
@@ -66,7 +66,7 @@ class NodeMetrics final : public CallObserver, public PullObserver {
  private:
   struct MethodChildren {
     metrics::Histogram* duration = nullptr;
-    std::array<metrics::Counter*, 17> by_code{};  // grpc::StatusCode 0..16, made on first use
+    std::array<metrics::Counter*, 17> by_code{};  // RpcCode 0..16, made on first use
   };
   MethodChildren& Method(std::string_view method);  // under methods_mu_
 

@@ -6,10 +6,10 @@
 // host as written in the config.
 #pragma once
 
-#include <grpcpp/grpcpp.h>
-
 #include <chrono>
 #include <string_view>
+
+#include "base/rpc_status.h"
 
 namespace registry_proxy {
 
@@ -28,7 +28,7 @@ struct PullReport {
   std::string_view rule;    // the rule's match ("docker.io"); "" when not rewritten
   std::string_view mirror;  // the mirror host that served it; "" otherwise
   PullOutcome outcome = PullOutcome::kPassthrough;
-  grpc::StatusCode code = grpc::StatusCode::OK;  // what the caller got
+  RpcCode code = RpcCode::OK;  // what the caller got
   std::chrono::nanoseconds duration{0};          // the whole PullImage call
   int attempts = 0;                              // pulls handed to containerd
 };
@@ -49,7 +49,7 @@ class PullObserver {
   // Once per PullImage call, when it ends.
   virtual void OnPull(const PullReport& report) = 0;
   // Once per pull handed to containerd. `target` is the mirror host, or "upstream".
-  virtual void OnAttempt(std::string_view rule, std::string_view target, grpc::StatusCode code,
+  virtual void OnAttempt(std::string_view rule, std::string_view target, RpcCode code,
                          std::chrono::nanoseconds duration) = 0;
   virtual void OnMirrorSkipped(std::string_view mirror, SkipReason reason) = 0;
   // A liveness probe of a mirror finished.

@@ -23,9 +23,9 @@ namespace {
 using std::chrono::milliseconds;
 using SteadyClock = std::chrono::steady_clock;
 
-std::string Outcome(const grpc::Status& s) {
+std::string Outcome(const RpcStatus& s) {
   if (s.ok()) return "OK";
-  return std::string(GrpcCodeName(s.error_code())) + ": " + s.error_message();
+  return std::string(RpcCodeName(s.error_code())) + ": " + s.error_message();
 }
 
 // Caller-supplied text for a log line: control characters escaped (no forged lines), long
@@ -89,8 +89,8 @@ bool Cancelled(const CallOptions& opts) {
   return opts.cancellation != nullptr && opts.cancellation->cancelled();
 }
 
-grpc::Status CancelledStatus() {
-  return grpc::Status(grpc::StatusCode::CANCELLED, "registry-proxy: the caller cancelled the pull");
+RpcStatus CancelledStatus() {
+  return RpcStatus(RpcCode::CANCELLED, "registry-proxy: the caller cancelled the pull");
 }
 
 int64_t Ms(SteadyClock::duration d) { return std::chrono::duration_cast<milliseconds>(d).count(); }
@@ -164,8 +164,8 @@ void PullService::DropMirrorNames(const std::string& mirror_name, std::vector<st
 }
 
 void PullService::DeleteRecord(const std::string& name) {
-  grpc::Status ds = records_->Delete(name);
-  if (!ds.ok() && ds.error_code() != grpc::StatusCode::NOT_FOUND) {  // gone already: fine
+  RpcStatus ds = records_->Delete(name);
+  if (!ds.ok() && ds.error_code() != RpcCode::NOT_FOUND) {  // gone already: fine
     // Harmless for pulls (the original names exist); the mirror name just stays visible.
     spdlog::warn("cannot remove the mirror record {}: {}", name, Outcome(ds));
   }
@@ -231,13 +231,13 @@ InterceptResult PullService::PullImage(CriVersion v, const std::string& request,
     r = DoPullImage(v, request, opts, &tally);
   } catch (const std::exception& e) {
     spdlog::error("pull: internal error: {}", e.what());
-    r = {grpc::Status(grpc::StatusCode::INTERNAL,
+    r = {RpcStatus(RpcCode::INTERNAL,
                       std::string("registry-proxy: internal error: ") + e.what()),
          ""};
     tally.outcome = PullOutcome::kFailed;
   } catch (...) {
     spdlog::error("pull: internal error");
-    r = {grpc::Status(grpc::StatusCode::INTERNAL, "registry-proxy: internal error"), ""};
+    r = {RpcStatus(RpcCode::INTERNAL, "registry-proxy: internal error"), ""};
     tally.outcome = PullOutcome::kFailed;
   }
   if (options_.observer) {
@@ -323,7 +323,7 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
   };
 
   const size_t n = d.candidates.size();
-  grpc::Status last(grpc::StatusCode::UNKNOWN, "registry-proxy: no candidate was tried");
+  RpcStatus last(RpcCode::UNKNOWN, "registry-proxy: no candidate was tried");
   bool attempted = false;  // whether `last` is an attempt's error
   // For staleIfError: whether every candidate was down (unreachable or broken), and what
   // happened at each, briefly.
@@ -358,12 +358,12 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
       aopts.deadline = std::min(aopts.deadline, SysClock::now() + node.pull_attempt_timeout);
     }
     // Whether a DEADLINE_EXCEEDED came from our own attempt deadline, not the caller's.
-    auto own_deadline_hit = [&](const grpc::Status& s) {
-      return s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED &&
+    auto own_deadline_hit = [&](const RpcStatus& s) {
+      return s.error_code() == RpcCode::DEADLINE_EXCEEDED &&
              aopts.deadline < opts.deadline && SysClock::now() >= aopts.deadline;
     };
     const std::string_view target = c.upstream ? std::string_view("upstream") : c.mirror->host;
-    auto log_attempt = [&](const grpc::Status& s, bool with_auth) {
+    auto log_attempt = [&](const RpcStatus& s, bool with_auth) {
       auto level = s.ok() ? spdlog::level::info : spdlog::level::warn;
       std::string note;
       if (own_deadline_hit(s)) {
@@ -376,7 +376,7 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
                   log.image, i + 1, n, c.image, c.upstream ? "upstream" : "mirror", log.ns,
                   log.rule, with_auth ? "yes" : "no", Ms(Now() - start), Outcome(s), note);
     };
-    auto count_attempt = [&](const grpc::Status& s) {
+    auto count_attempt = [&](const RpcStatus& s) {
       ++tally->attempts;
       attempted = true;
       if (obs) obs->OnAttempt(tally->rule, target, s.error_code(), Now() - start);
@@ -428,7 +428,7 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
       }
       if (!problem.empty()) {
         // Pulling anonymously would only earn a 401 and a misleading error; say why instead.
-        last = grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+        last = RpcStatus(RpcCode::FAILED_PRECONDITION,
                             "registry-proxy: mirror " + c.mirror->host + " needs credentials '" +
                                 name + "': " + problem);
         attempted = true;
@@ -497,8 +497,8 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
         // Out of time: what containerd answers a pull whose deadline passed (critest checks it).
         const bool no_time = reason == SkipReason::kNoTime;
         if (!attempted || no_time) {
-          last = grpc::Status(
-              no_time ? grpc::StatusCode::DEADLINE_EXCEEDED : grpc::StatusCode::UNAVAILABLE,
+          last = RpcStatus(
+              no_time ? RpcCode::DEADLINE_EXCEEDED : RpcCode::UNAVAILABLE,
               "registry-proxy: mirror " + c.mirror->host + " skipped: " + skip);
         }
         steps.Add("mirror " + c.mirror->host, "skipped (" + skip + ")", !attempted || no_time,
@@ -508,7 +508,7 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
     }
 
     runtime::v1::PullImageResponse resp;
-    grpc::Status s;
+    RpcStatus s;
     {
       auto mref = ParseNamedReference(c.image);
       std::optional<MirrorPullScope> in_containerd;
@@ -579,7 +579,7 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
         spdlog::debug("pull {}: aliased and visible after {}ms", image, Ms(Now() - alias_start));
       }
     }
-    return {grpc::Status::OK, resp.SerializeAsString()};
+    return {RpcStatus::OK, resp.SerializeAsString()};
   }
   if (d.stale_if_error && all_down && !auth && !Cancelled(opts)) {
     if (auto stale = ServeStale(v, image, what_failed, opts)) {
@@ -590,7 +590,7 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
   // The last failure's code; its message whole, after what happened at the other candidates.
   tally->outcome = PullOutcome::kFailed;
   return {
-      grpc::Status(last.error_code(), steps.Message(last.error_message()), last.error_details()),
+      RpcStatus(last.error_code(), steps.Message(last.error_message()), last.error_details()),
       ""};
 }
 
@@ -602,7 +602,7 @@ std::optional<InterceptResult> PullService::ServeStale(CriVersion v, const std::
   runtime::v1::ImageStatusRequest sreq;
   sreq.mutable_image()->set_image(image);
   runtime::v1::ImageStatusResponse sresp;
-  grpc::Status s = cri_->ImageStatus(v, sreq, opts, &sresp);
+  RpcStatus s = cri_->ImageStatus(v, sreq, opts, &sresp);
   if (!s.ok() || !sresp.has_image() || sresp.image().id().empty()) {
     spdlog::info(
         "pull {}: staleIfError: every candidate was down, but the image is not on the "
@@ -616,7 +616,7 @@ std::optional<InterceptResult> PullService::ServeStale(CriVersion v, const std::
       LogSafe(image), what_failed, sresp.image().id());
   runtime::v1::PullImageResponse resp;
   resp.set_image_ref(sresp.image().id());
-  return InterceptResult{grpc::Status::OK, resp.SerializeAsString()};
+  return InterceptResult{RpcStatus::OK, resp.SerializeAsString()};
 }
 
 PullService::AliasResult PullService::Alias(const Config& config, const Reference& original,
@@ -634,7 +634,7 @@ PullService::AliasResult PullService::Alias(const Config& config, const Referenc
   std::lock_guard lock(AliasLock(original.Name()));
   // The mirror's record and the original's, in one call to containerd.
   std::vector<ImageRecord> found;
-  if (grpc::Status s = records_->GetMany({mirror_name, original_name}, &found); !s.ok()) {
+  if (RpcStatus s = records_->GetMany({mirror_name, original_name}, &found); !s.ok()) {
     spdlog::error("alias {}: cannot read the records of {}: {}", original_name, mirror_name,
                   Outcome(s));
     return kFailed;
@@ -689,7 +689,7 @@ PullService::AliasResult PullService::Alias(const Config& config, const Referenc
       });
   for (const std::string& name : already ? std::vector<std::string>{} : names) {
     alias.name = name;
-    if (grpc::Status ps = records_->Put(alias); !ps.ok()) {
+    if (RpcStatus ps = records_->Put(alias); !ps.ok()) {
       spdlog::error("alias {}: cannot write the record {}: {}", original_name, name, Outcome(ps));
       return kFailed;  // the mirror names stay: they are all the node has
     }
@@ -732,7 +732,7 @@ bool PullService::WaitForStatus(CriVersion v, const runtime::v1::ImageStatusRequ
   milliseconds delay{1};
   for (;;) {
     out->Clear();
-    grpc::Status s = cri_->ImageStatus(v, req, poll, out);
+    RpcStatus s = cri_->ImageStatus(v, req, poll, out);
     // An original name that pointed at an older image (a moved tag) answers at once with the
     // old id until CRI has applied the update: wait for the image just pulled.
     if (s.ok() && out->has_image() && (want_id.empty() || out->image().id() == want_id)) {
@@ -805,12 +805,12 @@ InterceptResult PullService::RecoverStatus(CriVersion v, const std::string& requ
   } catch (...) {
     spdlog::error("status recovery: internal error");
   }
-  return {grpc::Status::OK, response};
+  return {RpcStatus::OK, response};
 }
 
 InterceptResult PullService::DoRecoverStatus(CriVersion v, const std::string& request,
                                              const std::string& response, const CallOptions& opts) {
-  const InterceptResult unchanged{grpc::Status::OK, response};
+  const InterceptResult unchanged{RpcStatus::OK, response};
   runtime::v1::ImageStatusRequest req;
   if (!req.ParseFromString(request)) return unchanged;
   const std::string& image = req.image().image();
@@ -827,7 +827,7 @@ InterceptResult PullService::DoRecoverStatus(CriVersion v, const std::string& re
     runtime::v1::ImageStatusRequest mreq;
     mreq.mutable_image()->set_image(candidate);
     runtime::v1::ImageStatusResponse mresp;
-    grpc::Status s = cri_->ImageStatus(v, mreq, opts, &mresp);
+    RpcStatus s = cri_->ImageStatus(v, mreq, opts, &mresp);
     if (!s.ok()) {
       spdlog::debug("status {}: looking for {}: {}", image, candidate, Outcome(s));
       continue;
@@ -842,7 +842,7 @@ InterceptResult PullService::DoRecoverStatus(CriVersion v, const std::string& re
                    options_.alias_wait.count());
       return unchanged;
     }
-    return {grpc::Status::OK, out.SerializeAsString()};
+    return {RpcStatus::OK, out.SerializeAsString()};
   }
   return unchanged;
 }

@@ -62,12 +62,12 @@ constexpr char kDefaultConfigPath[] = "/etc/registry-proxy/config.yaml";
 class LogCalls final : public CallObserver {
  public:
   LogCalls(CallObserver* next, ChannelKeeper* keeper) : next_(next), keeper_(keeper) {}
-  void OnCallDone(std::string_view method, grpc::StatusCode code,
+  void OnCallDone(std::string_view method, RpcCode code,
                   std::chrono::nanoseconds duration) override {
     next_->OnCallDone(method, code, duration);
-    if (code == grpc::StatusCode::UNAVAILABLE) keeper_->Poke();
+    if (code == RpcCode::UNAVAILABLE) keeper_->Poke();
     if (!spdlog::should_log(spdlog::level::debug)) return;
-    spdlog::debug("call {} code={} {:.3f} ms", method, GrpcCodeName(code),
+    spdlog::debug("call {} code={} {:.3f} ms", method, RpcCodeName(code),
                   std::chrono::duration<double, std::milli>(duration).count());
   }
 

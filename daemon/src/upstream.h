@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "base/rpc_status.h"
 #include "k8s.io/cri-api/pkg/apis/runtime/v1/api.pb.h"
 
 namespace registry_proxy {
@@ -65,14 +66,14 @@ struct CallOptions {
 class CriImageBackend {
  public:
   virtual ~CriImageBackend() = default;
-  virtual grpc::Status PullImage(CriVersion v, const runtime::v1::PullImageRequest& req,
+  virtual RpcStatus PullImage(CriVersion v, const runtime::v1::PullImageRequest& req,
                                  const CallOptions& opts, runtime::v1::PullImageResponse* resp) = 0;
   // The same call with the request and response as bytes, forwarded as they are: for pulls the
   // daemon leaves alone (and requests that do not parse here), so containerd sees exactly what
   // the caller sent and answers exactly as it would without the daemon.
-  virtual grpc::Status PullImageRaw(CriVersion v, const std::string& request,
+  virtual RpcStatus PullImageRaw(CriVersion v, const std::string& request,
                                     const CallOptions& opts, std::string* response) = 0;
-  virtual grpc::Status ImageStatus(CriVersion v, const runtime::v1::ImageStatusRequest& req,
+  virtual RpcStatus ImageStatus(CriVersion v, const runtime::v1::ImageStatusRequest& req,
                                    const CallOptions& opts,
                                    runtime::v1::ImageStatusResponse* resp) = 0;
 };
@@ -90,24 +91,24 @@ class ImageRecordStore {
  public:
   virtual ~ImageRecordStore() = default;
   // NOT_FOUND when there is no such record.
-  virtual grpc::Status Get(const std::string& name, ImageRecord* out) = 0;
+  virtual RpcStatus Get(const std::string& name, ImageRecord* out) = 0;
   // Creates the record, or updates target and labels if it exists.
-  virtual grpc::Status Put(const ImageRecord& record) = 0;
+  virtual RpcStatus Put(const ImageRecord& record) = 0;
   // OK when it did not exist.
-  virtual grpc::Status Delete(const std::string& name) = 0;
+  virtual RpcStatus Delete(const std::string& name) = 0;
   // The records of those of `names` that exist (in no particular order). The daemon's store
   // asks containerd once; this default asks Get for each.
-  virtual grpc::Status GetMany(const std::vector<std::string>& names,
+  virtual RpcStatus GetMany(const std::vector<std::string>& names,
                                std::vector<ImageRecord>* found) {
     found->clear();
     for (const std::string& name : names) {
       ImageRecord r;
-      grpc::Status s = Get(name, &r);
-      if (s.error_code() == grpc::StatusCode::NOT_FOUND) continue;
+      RpcStatus s = Get(name, &r);
+      if (s.error_code() == RpcCode::NOT_FOUND) continue;
       if (!s.ok()) return s;
       found->push_back(std::move(r));
     }
-    return grpc::Status::OK;
+    return RpcStatus::OK;
   }
 };
 

@@ -6,6 +6,8 @@
 // compiles against, so it is as stable as the generated code of this gRPC version.
 #include "upstream_grpc.h"
 
+#include "grpc_status.h"
+
 #include <grpcpp/impl/client_unary_call.h>
 #include <grpcpp/impl/rpc_method.h>
 
@@ -33,13 +35,13 @@ void ApplyCallOptions(const CallOptions& opts, grpc::ClientContext* ctx) {
 }
 
 template <class Request, class Response>
-grpc::Status Unary(grpc::ChannelInterface* channel, const RpcMethod& method,
+RpcStatus Unary(grpc::ChannelInterface* channel, const RpcMethod& method,
                    const CallOptions& opts, const Request& request, Response* response) {
   grpc::ClientContext ctx;
   ApplyCallOptions(opts, &ctx);
   Cancellation::Scope scope(opts.cancellation, &ctx);
-  return grpc::internal::BlockingUnaryCall<Request, Response>(channel, method, &ctx, request,
-                                                              response);
+  return FromGrpc(grpc::internal::BlockingUnaryCall<Request, Response>(channel, method, &ctx,
+                                                                       request, response));
 }
 
 ImageRecord FromProto(const images::Image& image) {
@@ -112,23 +114,23 @@ GrpcCriImageBackend::GrpcCriImageBackend(std::shared_ptr<grpc::Channel> channel)
 
 GrpcCriImageBackend::~GrpcCriImageBackend() = default;
 
-grpc::Status GrpcCriImageBackend::PullImage(CriVersion v, const runtime::v1::PullImageRequest& req,
+RpcStatus GrpcCriImageBackend::PullImage(CriVersion v, const runtime::v1::PullImageRequest& req,
                                             const CallOptions& opts,
                                             runtime::v1::PullImageResponse* resp) {
   return Unary(channel_.get(), methods_->Pull(v), opts, req, resp);
 }
 
-grpc::Status GrpcCriImageBackend::PullImageRaw(CriVersion v, const std::string& request,
+RpcStatus GrpcCriImageBackend::PullImageRaw(CriVersion v, const std::string& request,
                                                const CallOptions& opts, std::string* response) {
   grpc::Slice slice(request);
   grpc::ByteBuffer in(&slice, 1);
   grpc::ByteBuffer out;
-  grpc::Status status = Unary(channel_.get(), methods_->Pull(v), opts, in, &out);
+  RpcStatus status = Unary(channel_.get(), methods_->Pull(v), opts, in, &out);
   response->clear();
   if (status.ok()) {
     std::vector<grpc::Slice> slices;
     if (!out.Dump(&slices).ok()) {
-      return grpc::Status(grpc::StatusCode::INTERNAL, "cannot read the PullImage response");
+      return RpcStatus(RpcCode::INTERNAL, "cannot read the PullImage response");
     }
     for (const grpc::Slice& s : slices) {
       response->append(reinterpret_cast<const char*>(s.begin()), s.size());
@@ -137,7 +139,7 @@ grpc::Status GrpcCriImageBackend::PullImageRaw(CriVersion v, const std::string& 
   return status;
 }
 
-grpc::Status GrpcCriImageBackend::ImageStatus(CriVersion v,
+RpcStatus GrpcCriImageBackend::ImageStatus(CriVersion v,
                                               const runtime::v1::ImageStatusRequest& req,
                                               const CallOptions& opts,
                                               runtime::v1::ImageStatusResponse* resp) {
@@ -169,10 +171,10 @@ void GrpcImageRecordStore::Prepare(grpc::ClientContext* ctx) const {
   }
 }
 
-grpc::Status GrpcImageRecordStore::GetMany(const std::vector<std::string>& names,
+RpcStatus GrpcImageRecordStore::GetMany(const std::vector<std::string>& names,
                                            std::vector<ImageRecord>* found) {
   found->clear();
-  if (names.empty()) return grpc::Status::OK;
+  if (names.empty()) return RpcStatus::OK;
   grpc::ClientContext ctx;
   Prepare(&ctx);
   images::ListImagesRequest req;
@@ -180,27 +182,27 @@ grpc::Status GrpcImageRecordStore::GetMany(const std::vector<std::string>& names
     req.add_filters("name==" + ContainerdFilterValue(name));  // filters are OR'ed
   }
   images::ListImagesResponse resp;
-  grpc::Status s = stub_->List(&ctx, req, &resp);
+  RpcStatus s = FromGrpc(stub_->List(&ctx, req, &resp));
   if (!s.ok()) return s;
   for (const images::Image& image : resp.images()) found->push_back(FromProto(image));
   return s;
 }
 
-grpc::Status GrpcImageRecordStore::Get(const std::string& name, ImageRecord* out) {
+RpcStatus GrpcImageRecordStore::Get(const std::string& name, ImageRecord* out) {
   grpc::ClientContext ctx;
   Prepare(&ctx);
   images::GetImageRequest req;
   req.set_name(name);
   images::GetImageResponse resp;
-  grpc::Status s = stub_->Get(&ctx, req, &resp);
+  RpcStatus s = FromGrpc(stub_->Get(&ctx, req, &resp));
   if (s.ok()) *out = FromProto(resp.image());
   return s;
 }
 
-grpc::Status GrpcImageRecordStore::Put(const ImageRecord& record) {
+RpcStatus GrpcImageRecordStore::Put(const ImageRecord& record) {
   // Create, else Update. A concurrent Delete between the two (another pull removing a name)
   // makes the Update miss; then Create again. Three rounds settle any realistic interleaving.
-  grpc::Status s;
+  RpcStatus s;
   for (int round = 0; round < 3; ++round) {
     {
       grpc::ClientContext ctx;
@@ -208,8 +210,8 @@ grpc::Status GrpcImageRecordStore::Put(const ImageRecord& record) {
       images::CreateImageRequest req;
       ToProto(record, req.mutable_image());
       images::CreateImageResponse resp;
-      s = stub_->Create(&ctx, req, &resp);
-      if (s.error_code() != grpc::StatusCode::ALREADY_EXISTS) return s;
+      s = FromGrpc(stub_->Create(&ctx, req, &resp));
+      if (s.error_code() != RpcCode::ALREADY_EXISTS) return s;
     }
     grpc::ClientContext ctx;
     Prepare(&ctx);
@@ -218,21 +220,21 @@ grpc::Status GrpcImageRecordStore::Put(const ImageRecord& record) {
     req.mutable_update_mask()->add_paths("target");
     req.mutable_update_mask()->add_paths("labels");
     images::UpdateImageResponse resp;
-    s = stub_->Update(&ctx, req, &resp);
-    if (s.error_code() != grpc::StatusCode::NOT_FOUND) return s;
+    s = FromGrpc(stub_->Update(&ctx, req, &resp));
+    if (s.error_code() != RpcCode::NOT_FOUND) return s;
   }
   return s;
 }
 
-grpc::Status GrpcImageRecordStore::Delete(const std::string& name) {
+RpcStatus GrpcImageRecordStore::Delete(const std::string& name) {
   grpc::ClientContext ctx;
   Prepare(&ctx);
   images::DeleteImageRequest req;
   req.set_name(name);
   // sync=false: the content stays referenced by the other names; no GC wait is needed.
   google::protobuf::Empty resp;
-  grpc::Status s = stub_->Delete(&ctx, req, &resp);
-  if (s.error_code() == grpc::StatusCode::NOT_FOUND) return grpc::Status::OK;
+  RpcStatus s = FromGrpc(stub_->Delete(&ctx, req, &resp));
+  if (s.error_code() == RpcCode::NOT_FOUND) return RpcStatus::OK;
   return s;
 }
 

@@ -34,11 +34,11 @@ class GrpcCriImageBackend final : public CriImageBackend {
   explicit GrpcCriImageBackend(std::shared_ptr<grpc::Channel> channel);
   ~GrpcCriImageBackend() override;
 
-  grpc::Status PullImage(CriVersion v, const runtime::v1::PullImageRequest& req,
+  RpcStatus PullImage(CriVersion v, const runtime::v1::PullImageRequest& req,
                          const CallOptions& opts, runtime::v1::PullImageResponse* resp) override;
-  grpc::Status PullImageRaw(CriVersion v, const std::string& request, const CallOptions& opts,
+  RpcStatus PullImageRaw(CriVersion v, const std::string& request, const CallOptions& opts,
                             std::string* response) override;
-  grpc::Status ImageStatus(CriVersion v, const runtime::v1::ImageStatusRequest& req,
+  RpcStatus ImageStatus(CriVersion v, const runtime::v1::ImageStatusRequest& req,
                            const CallOptions& opts,
                            runtime::v1::ImageStatusResponse* resp) override;
 
@@ -74,10 +74,10 @@ class GrpcImageRecordStore final : public ImageRecordStore {
                        std::function<std::string()> containerd_namespace, Options options);
   ~GrpcImageRecordStore() override;
 
-  grpc::Status Get(const std::string& name, ImageRecord* out) override;
-  grpc::Status Put(const ImageRecord& record) override;
-  grpc::Status Delete(const std::string& name) override;
-  grpc::Status GetMany(const std::vector<std::string>& names,
+  RpcStatus Get(const std::string& name, ImageRecord* out) override;
+  RpcStatus Put(const ImageRecord& record) override;
+  RpcStatus Delete(const std::string& name) override;
+  RpcStatus GetMany(const std::vector<std::string>& names,
                        std::vector<ImageRecord>* found) override;  // one List call
 
  private:

@@ -110,19 +110,19 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
 
   std::vector<std::string> raw_pulls;                       // PullImageRaw requests
   std::vector<runtime::v1::PullImageRequest> mirror_pulls;  // PullImage requests
-  grpc::Status last_status;
+  RpcStatus last_status;
 
-  grpc::Status PullImageRaw(CriVersion, const std::string& request, const CallOptions&,
+  RpcStatus PullImageRaw(CriVersion, const std::string& request, const CallOptions&,
                             std::string* response) override {
     raw_pulls.push_back(request);
     if (!succeed_) return last_status = Fail("upstream", raw_pulls.size());
     runtime::v1::PullImageResponse resp;
     resp.set_image_ref(kImageId);
     *response = resp.SerializeAsString();
-    return last_status = grpc::Status::OK;
+    return last_status = RpcStatus::OK;
   }
 
-  grpc::Status PullImage(CriVersion, const runtime::v1::PullImageRequest& req, const CallOptions&,
+  RpcStatus PullImage(CriVersion, const runtime::v1::PullImageRequest& req, const CallOptions&,
                          runtime::v1::PullImageResponse* resp) override {
     mirror_pulls.push_back(req);
     if (!succeed_) return last_status = Fail(req.image().image(), mirror_pulls.size());
@@ -137,10 +137,10 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
       records_[rec.name] = rec;
     }
     resp->set_image_ref(kImageId);
-    return last_status = grpc::Status::OK;
+    return last_status = RpcStatus::OK;
   }
 
-  grpc::Status ImageStatus(CriVersion, const runtime::v1::ImageStatusRequest& req,
+  RpcStatus ImageStatus(CriVersion, const runtime::v1::ImageStatusRequest& req,
                            const CallOptions&, runtime::v1::ImageStatusResponse* resp) override {
     // An image is on the node when a record names it (mirror-named copies included).
     auto ref = ParseNamedReference(req.image().image());
@@ -148,25 +148,25 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
       resp->mutable_image()->set_id(kImageId);
       resp->mutable_image()->add_repo_tags(ref->NormalizedString());
     }
-    return grpc::Status::OK;
+    return RpcStatus::OK;
   }
 
-  grpc::Status Get(const std::string& name, ImageRecord* out) override {
+  RpcStatus Get(const std::string& name, ImageRecord* out) override {
     auto it = records_.find(name);
-    if (it == records_.end()) return grpc::Status(grpc::StatusCode::NOT_FOUND, "no " + name);
+    if (it == records_.end()) return RpcStatus(RpcCode::NOT_FOUND, "no " + name);
     *out = it->second;
-    return grpc::Status::OK;
+    return RpcStatus::OK;
   }
-  grpc::Status Put(const ImageRecord& record) override {
+  RpcStatus Put(const ImageRecord& record) override {
     if (IsImageIdDigest(record.name)) Violation("an id record was written", record.name);
     if (record.name.empty()) Violation("a record without a name", "");
     records_[record.name] = record;
-    return grpc::Status::OK;
+    return RpcStatus::OK;
   }
-  grpc::Status Delete(const std::string& name) override {
+  RpcStatus Delete(const std::string& name) override {
     if (IsImageIdDigest(name)) Violation("an id record was deleted", name);
     records_.erase(name);
-    return grpc::Status::OK;
+    return RpcStatus::OK;
   }
 
   // Puts a mirror-named copy on the node (for status recovery).
@@ -180,8 +180,8 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
   }
 
  private:
-  static grpc::Status Fail(const std::string& what, size_t n) {
-    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+  static RpcStatus Fail(const std::string& what, size_t n) {
+    return RpcStatus(RpcCode::UNAVAILABLE,
                         "fake pull " + std::to_string(n) + " of " + what + " failed");
   }
   bool succeed_;
@@ -289,7 +289,7 @@ void CheckPull(const std::string& input, bool succeed) {
     if (!r.status.ok()) {
       // Only the mirror with missing credentials fails without a pull, and a fallback-less
       // rule whose every mirror is skipped.
-      if (r.status.error_code() != grpc::StatusCode::FAILED_PRECONDITION) {
+      if (r.status.error_code() != RpcCode::FAILED_PRECONDITION) {
         Violation("a pull failed although containerd succeeds", r.status.error_message());
       }
     } else {
@@ -300,7 +300,7 @@ void CheckPull(const std::string& input, bool succeed) {
     }
   } else {
     if (r.status.ok()) Violation("a pull succeeded although containerd fails", "");
-    if (r.status.error_code() != grpc::StatusCode::FAILED_PRECONDITION &&
+    if (r.status.error_code() != RpcCode::FAILED_PRECONDITION &&
         (r.status.error_code() != ctrd.last_status.error_code() ||
          r.status.error_message() != ctrd.last_status.error_message())) {
       Violation("not the last attempt's error", r.status.error_message());

@@ -10,14 +10,14 @@
 namespace registry_proxy {
 namespace {
 
-using C = grpc::StatusCode;
+using C = RpcCode;
 
 AttemptClass Class(C code, const std::string& msg, bool own_deadline = false,
                    bool caller_gone = false) {
-  return ClassifyAttempt(grpc::Status(code, msg), own_deadline, caller_gone).cls;
+  return ClassifyAttempt(RpcStatus(code, msg), own_deadline, caller_gone).cls;
 }
 std::string Detail(C code, const std::string& msg) {
-  return ClassifyAttempt(grpc::Status(code, msg), false, false).detail;
+  return ClassifyAttempt(RpcStatus(code, msg), false, false).detail;
 }
 
 // containerd 1.6 and 1.7 word the resolve step alike; 2.x says "failed to resolve image".
@@ -156,7 +156,7 @@ TEST(AttemptErrorTest, ContainerdsOwnFailuresStopTheWalk) {
 }
 
 TEST(AttemptErrorTest, OkAndNames) {
-  EXPECT_EQ(ClassifyAttempt(grpc::Status::OK, true, false).cls, AttemptClass::kOk);
+  EXPECT_EQ(ClassifyAttempt(RpcStatus::OK, true, false).cls, AttemptClass::kOk);
   EXPECT_EQ(DescribeAttempt({AttemptClass::kMirrorDown, "connection refused"}),
             "down (connection refused)");
   EXPECT_EQ(AttemptClassName(AttemptClass::kContainerdFailed), "containerd failed");

@@ -201,17 +201,17 @@ class FakeUpstream {
 // Every finished call, as the metrics see them.
 class RecordingObserver : public CallObserver {
  public:
-  void OnCallDone(std::string_view method, grpc::StatusCode code,
+  void OnCallDone(std::string_view method, RpcCode code,
                   std::chrono::nanoseconds) override {
     std::lock_guard<std::mutex> lock(mu);
     calls.emplace_back(std::string(method), code);
   }
-  std::vector<std::pair<std::string, grpc::StatusCode>> Calls() {
+  std::vector<std::pair<std::string, RpcCode>> Calls() {
     std::lock_guard<std::mutex> lock(mu);
     return calls;
   }
   std::mutex mu;
-  std::vector<std::pair<std::string, grpc::StatusCode>> calls;
+  std::vector<std::pair<std::string, RpcCode>> calls;
 };
 
 // Intercepts pulls and status misses, scripted by the test.
@@ -228,14 +228,14 @@ class FakeInterceptor : public ImageInterceptor {
       last_metadata = opts.metadata;
       fail = pull_error;
     }
-    if (!fail.empty()) return {grpc::Status(grpc::StatusCode::NOT_FOUND, fail), ""};
+    if (!fail.empty()) return {RpcStatus(RpcCode::NOT_FOUND, fail), ""};
     if (block_pulls) {
       // Like a pull that takes minutes: only the caller's cancellation ends it.
       while (!opts.cancellation->cancelled()) std::this_thread::sleep_for(1ms);
       pull_saw_cancel++;
-      return {grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"), ""};
+      return {RpcStatus(RpcCode::CANCELLED, "cancelled"), ""};
     }
-    return {grpc::Status::OK, "pulled:" + request};
+    return {RpcStatus::OK, "pulled:" + request};
   }
   bool StatusNeedsRecovery(CriVersion, const std::string&, const std::string& response) override {
     status_checks++;
@@ -244,7 +244,7 @@ class FakeInterceptor : public ImageInterceptor {
   InterceptResult RecoverStatus(CriVersion, const std::string& request, const std::string&,
                                 const CallOptions&) override {
     recovered++;
-    return {grpc::Status::OK, "recovered:" + request};
+    return {RpcStatus::OK, "recovered:" + request};
   }
 
   std::atomic<int> pulls{0}, recovered{0}, pull_saw_cancel{0}, status_checks{0};
@@ -700,11 +700,11 @@ TEST_F(RelayTest, ObserverSeesEveryCallWithItsCode) {
             grpc::StatusCode::NOT_FOUND);
   ASSERT_TRUE(Unary("/runtime.v1.ImageService/PullImage", "p").status.ok());
   ASSERT_TRUE(Unary("/runtime.v1.ImageService/ImageStatus", "miss").status.ok());
-  std::vector<std::pair<std::string, grpc::StatusCode>> want = {
-      {"/test.Echo/Unary", grpc::StatusCode::OK},
-      {"/test.Echo/Unary", grpc::StatusCode::NOT_FOUND},
-      {"/runtime.v1.ImageService/PullImage", grpc::StatusCode::OK},
-      {"/runtime.v1.ImageService/ImageStatus", grpc::StatusCode::OK}};
+  std::vector<std::pair<std::string, RpcCode>> want = {
+      {"/test.Echo/Unary", RpcCode::OK},
+      {"/test.Echo/Unary", RpcCode::NOT_FOUND},
+      {"/runtime.v1.ImageService/PullImage", RpcCode::OK},
+      {"/runtime.v1.ImageService/ImageStatus", RpcCode::OK}};
   // The observer hears of a call when the proxy is done with it, which may be a moment after
   // the caller has its answer.
   for (int i = 0; i < 200 && observer_.Calls().size() < want.size(); ++i)

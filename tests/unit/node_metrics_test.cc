@@ -26,10 +26,10 @@ constexpr char kStatus[] = "/runtime.v1.ImageService/ImageStatus";
 TEST(NodeMetricsTest, CallsByMethodAndCode) {
   metrics::Registry r;
   NodeMetrics m(&r);
-  m.OnCallDone(kPull, grpc::StatusCode::OK, 2s);
-  m.OnCallDone(kPull, grpc::StatusCode::OK, 50ms);
-  m.OnCallDone(kPull, grpc::StatusCode::UNAVAILABLE, 1ms);
-  m.OnCallDone(kStatus, grpc::StatusCode::OK, 300us);
+  m.OnCallDone(kPull, RpcCode::OK, 2s);
+  m.OnCallDone(kPull, RpcCode::OK, 50ms);
+  m.OnCallDone(kPull, RpcCode::UNAVAILABLE, 1ms);
+  m.OnCallDone(kStatus, RpcCode::OK, 300us);
   const std::string t = r.Render();
   EXPECT_THAT(t, HasSubstr("registry_proxy_cri_calls_total{method=\"runtime.v1.ImageService/"
                            "PullImage\",code=\"OK\"} 2\n"));
@@ -52,9 +52,9 @@ TEST(NodeMetricsTest, DistinctMethodsAreCapped) {
   metrics::Registry r;
   NodeMetrics m(&r, {.max_methods = 3});
   for (int i = 0; i < 1000; ++i) {
-    m.OnCallDone("/x.Svc/M" + std::to_string(i), grpc::StatusCode::UNIMPLEMENTED, 1ms);
+    m.OnCallDone("/x.Svc/M" + std::to_string(i), RpcCode::UNIMPLEMENTED, 1ms);
   }
-  m.OnCallDone("/x.Svc/M1", grpc::StatusCode::UNIMPLEMENTED, 1ms);  // one of the first three
+  m.OnCallDone("/x.Svc/M1", RpcCode::UNIMPLEMENTED, 1ms);  // one of the first three
   const std::string t = r.Render();
   EXPECT_THAT(t, HasSubstr("{method=\"x.Svc/M0\",code=\"UNIMPLEMENTED\"} 1\n"));
   EXPECT_THAT(t, HasSubstr("{method=\"x.Svc/M1\",code=\"UNIMPLEMENTED\"} 2\n"));
@@ -67,13 +67,13 @@ TEST(NodeMetricsTest, DistinctMethodsAreCapped) {
 TEST(NodeMetricsTest, PullsAttemptsProbesAndBreakers) {
   metrics::Registry r;
   NodeMetrics m(&r);
-  PullReport mirror{"docker.io", "m1.example", PullOutcome::kMirror, grpc::StatusCode::OK, 3s, 1};
+  PullReport mirror{"docker.io", "m1.example", PullOutcome::kMirror, RpcCode::OK, 3s, 1};
   m.OnPull(mirror);
   m.OnPull(mirror);
-  m.OnPull({"docker.io", "", PullOutcome::kFallback, grpc::StatusCode::OK, 20s, 2});
-  m.OnPull({"", "", PullOutcome::kPassthrough, grpc::StatusCode::NOT_FOUND, 1s, 1});
-  m.OnAttempt("docker.io", "m1.example", grpc::StatusCode::UNAVAILABLE, 1s);
-  m.OnAttempt("docker.io", "upstream", grpc::StatusCode::OK, 19s);
+  m.OnPull({"docker.io", "", PullOutcome::kFallback, RpcCode::OK, 20s, 2});
+  m.OnPull({"", "", PullOutcome::kPassthrough, RpcCode::NOT_FOUND, 1s, 1});
+  m.OnAttempt("docker.io", "m1.example", RpcCode::UNAVAILABLE, 1s);
+  m.OnAttempt("docker.io", "upstream", RpcCode::OK, 19s);
   m.OnMirrorSkipped("m2.example", SkipReason::kCooldown);
   m.OnProbe("m2.example", false, 2s);
   m.OnProbe("m1.example", true, 3ms);
@@ -111,14 +111,14 @@ class BlockingPulls final : public ImageInterceptor {
     ++entered_;
     cv_.notify_all();
     cv_.wait(l, [&] { return released_; });
-    return {grpc::Status::OK, "resp"};
+    return {RpcStatus::OK, "resp"};
   }
   bool StatusNeedsRecovery(CriVersion, const std::string&, const std::string& r) override {
     return r == "miss";
   }
   InterceptResult RecoverStatus(CriVersion, const std::string&, const std::string&,
                                 const CallOptions&) override {
-    return {grpc::Status::OK, "repaired"};
+    return {RpcStatus::OK, "repaired"};
   }
   void WaitEntered(int n) {
     std::unique_lock<std::mutex> l(mu_);

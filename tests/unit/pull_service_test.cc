@@ -63,7 +63,7 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
     std::lock_guard l(mu_);
     served_[Normalize(ref)] = Served{std::move(digest), std::move(id)};
   }
-  void Fail(const std::string& ref, grpc::Status s) {
+  void Fail(const std::string& ref, RpcStatus s) {
     std::lock_guard l(mu_);
     failures_[Normalize(ref)] = std::move(s);
   }
@@ -107,35 +107,35 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
   }
 
   // CriImageBackend
-  grpc::Status PullImage(CriVersion v, const runtime::v1::PullImageRequest& req,
+  RpcStatus PullImage(CriVersion v, const runtime::v1::PullImageRequest& req,
                          const CallOptions& opts, runtime::v1::PullImageResponse* resp) override {
     std::string bytes = req.SerializeAsString();
     std::string out;
-    grpc::Status s = Pull(v, false, bytes, opts, &out);
+    RpcStatus s = Pull(v, false, bytes, opts, &out);
     if (s.ok()) resp->ParseFromString(out);
     return s;
   }
-  grpc::Status PullImageRaw(CriVersion v, const std::string& request, const CallOptions& opts,
+  RpcStatus PullImageRaw(CriVersion v, const std::string& request, const CallOptions& opts,
                             std::string* response) override {
     return Pull(v, true, request, opts, response);
   }
-  grpc::Status ImageStatus(CriVersion, const runtime::v1::ImageStatusRequest& req,
+  RpcStatus ImageStatus(CriVersion, const runtime::v1::ImageStatusRequest& req,
                            const CallOptions&, runtime::v1::ImageStatusResponse* resp) override {
     ++status_calls;
     std::lock_guard l(mu_);
     auto parsed = ParseImage(req.image().image());
-    if (!parsed.ok() || parsed->kind != ReferenceKind::kNamed) return grpc::Status::OK;
+    if (!parsed.ok() || parsed->kind != ReferenceKind::kNamed) return RpcStatus::OK;
     auto it = records_.find(parsed->ref.NormalizedString());
-    if (it == records_.end()) return grpc::Status::OK;
+    if (it == records_.end()) return RpcStatus::OK;
     if (auto st = stale_.find(it->first); st != stale_.end() && st->second.second > 0) {
       --st->second.second;
       resp->mutable_image()->set_id(ids_.at(st->second.first.target_digest));
-      return grpc::Status::OK;
+      return RpcStatus::OK;
     }
-    if (status_never_sees) return grpc::Status::OK;
+    if (status_never_sees) return RpcStatus::OK;
     if (status_delay_calls > 0) {
       --status_delay_calls;
-      return grpc::Status::OK;
+      return RpcStatus::OK;
     }
     // CRI's view: every record with the same target is one image.
     const std::string id = ids_.at(it->second.target_digest);
@@ -147,32 +147,32 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
       (name.find('@') != std::string::npos ? image->add_repo_digests(name)
                                            : image->add_repo_tags(name));
     }
-    return grpc::Status::OK;
+    return RpcStatus::OK;
   }
 
   // ImageRecordStore
-  grpc::Status Get(const std::string& name, ImageRecord* out) override {
+  RpcStatus Get(const std::string& name, ImageRecord* out) override {
     std::lock_guard l(mu_);
     auto it = records_.find(name);
-    if (it == records_.end()) return grpc::Status(grpc::StatusCode::NOT_FOUND, "not found");
+    if (it == records_.end()) return RpcStatus(RpcCode::NOT_FOUND, "not found");
     *out = it->second;
-    return grpc::Status::OK;
+    return RpcStatus::OK;
   }
-  grpc::Status Put(const ImageRecord& record) override {
+  RpcStatus Put(const ImageRecord& record) override {
     std::lock_guard l(mu_);
-    if (fail_put) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "containerd is away");
+    if (fail_put) return RpcStatus(RpcCode::UNAVAILABLE, "containerd is away");
     ++puts;
     if (auto it = records_.find(record.name); it != records_.end()) {
       stale_[record.name] = {it->second, stale_status_calls};
     }
     records_[record.name] = record;
-    return grpc::Status::OK;
+    return RpcStatus::OK;
   }
-  grpc::Status Delete(const std::string& name) override {
+  RpcStatus Delete(const std::string& name) override {
     std::lock_guard l(mu_);
     deletes_.push_back(name);
     records_.erase(name);
-    return grpc::Status::OK;
+    return RpcStatus::OK;
   }
 
   // What CRI writes after a pull: name (tag or digest), name@digest, and the id.
@@ -199,7 +199,7 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
     ids_[digest] = id;
   }
 
-  grpc::Status Pull(CriVersion v, bool raw, const std::string& bytes, const CallOptions& opts,
+  RpcStatus Pull(CriVersion v, bool raw, const std::string& bytes, const CallOptions& opts,
                     std::string* response) {
     PullCall call;
     call.v = v;
@@ -214,14 +214,14 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
     }
     if (on_pull) on_pull(call);
     if (opts.cancellation && opts.cancellation->cancelled()) {
-      return grpc::Status(grpc::StatusCode::CANCELLED, "context canceled");
+      return RpcStatus(RpcCode::CANCELLED, "context canceled");
     }
     if (!parsed) {
-      return grpc::Status(grpc::StatusCode::INTERNAL, "grpc: error unmarshalling request");
+      return RpcStatus(RpcCode::INTERNAL, "grpc: error unmarshalling request");
     }
     auto ref = ParseNamedReference(call.parsed.image().image());
     if (!ref.ok()) {
-      return grpc::Status(grpc::StatusCode::UNKNOWN, "failed to parse image reference");
+      return RpcStatus(RpcCode::UNKNOWN, "failed to parse image reference");
     }
     std::lock_guard l(mu_);
     const std::string key = ref->NormalizedString();
@@ -234,19 +234,19 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
       }
     }
     if (!hit) {
-      return grpc::Status(grpc::StatusCode::NOT_FOUND,
+      return RpcStatus(RpcCode::NOT_FOUND,
                           "failed to pull and unpack image \"" + key + "\": not found");
     }
     AddImageLocked(*ref, hit->digest, hit->id);
     runtime::v1::PullImageResponse resp;
     resp.set_image_ref(hit->id);
     *response = resp.SerializeAsString();
-    return grpc::Status::OK;
+    return RpcStatus::OK;
   }
 
   std::mutex mu_;
   std::map<std::string, Served> served_;
-  std::map<std::string, grpc::Status> failures_;
+  std::map<std::string, RpcStatus> failures_;
   std::map<std::string, ImageRecord> records_;
   std::map<std::string, std::string> ids_;                    // digest -> id
   std::map<std::string, std::pair<ImageRecord, int>> stale_;  // name -> (old record, calls left)
@@ -492,12 +492,12 @@ TEST_F(PullServiceTest, MirrorNamesLingerAcrossABurstOfRePullsAndAreDroppedOnce)
 // kubelet gets the present image (imagePullPolicy: Always keeps pods starting). Never for "not
 // found", an authorization failure, a pull with credentials, or when it is off (the default).
 TEST_F(PullServiceTest, StaleIfErrorAnswersWithThePresentImageOnlyWhenEveryCandidateIsDown) {
-  const grpc::Status refused(grpc::StatusCode::UNKNOWN,
+  const RpcStatus refused(RpcCode::UNKNOWN,
                              "failed to resolve reference: dial tcp 127.0.0.1:9: connect: "
                              "connection refused");
-  const grpc::Status broken(grpc::StatusCode::UNKNOWN,
+  const RpcStatus broken(RpcCode::UNKNOWN,
                             "unexpected status code [manifests latest]: 503 Service Unavailable");
-  auto all_fail = [&](const grpc::Status& m1, const grpc::Status& m2, const grpc::Status& up) {
+  auto all_fail = [&](const RpcStatus& m1, const RpcStatus& m2, const RpcStatus& up) {
     fake_.Fail("m1.example/library/nginx:latest", m1);
     fake_.Fail("m2.example/library/nginx:latest", m2);
     fake_.Fail("docker.io/library/nginx:latest", up);
@@ -528,10 +528,10 @@ TEST_F(PullServiceTest, StaleIfErrorAnswersWithThePresentImageOnlyWhenEveryCandi
         << text;
   }
   // "Not found" somewhere: the registries answered; the error goes back.
-  all_fail(refused, grpc::Status(grpc::StatusCode::NOT_FOUND, "m2: not found"), refused);
+  all_fail(refused, RpcStatus(RpcCode::NOT_FOUND, "m2: not found"), refused);
   EXPECT_FALSE(Pull(Request("nginx", "default")).status.ok());
   // An authorization failure upstream is an answer too.
-  const grpc::Status denied(grpc::StatusCode::UNKNOWN,
+  const RpcStatus denied(RpcCode::UNKNOWN,
                             "pull access denied, repository does not exist or may require "
                             "authorization: 401 Unauthorized");
   all_fail(refused, refused, denied);
@@ -565,7 +565,7 @@ TEST_F(PullServiceTest, KeepMirrorNamesKeepsThem) {
 
 TEST_F(PullServiceTest, FirstMirrorFailsSecondServes) {
   fake_.Fail("m1.example/library/nginx:1.25",
-             grpc::Status(grpc::StatusCode::UNKNOWN, "m1: connection refused"));
+             RpcStatus(RpcCode::UNKNOWN, "m1: connection refused"));
   fake_.Serve("m2.example/library/nginx:1.25", kDigest, kId);
   InterceptResult r = Pull(Request("nginx:1.25", "default"));
   ASSERT_TRUE(r.status.ok());
@@ -595,15 +595,15 @@ TEST_F(PullServiceTest, AllMirrorsFailThenUpstreamWithTheCallersBytes) {
 
 TEST_F(PullServiceTest, EverythingFailsReturnsTheLastErrorWithWhatHappenedAtEachCandidate) {
   fake_.Fail("m1.example/library/nginx:latest",
-             grpc::Status(grpc::StatusCode::UNKNOWN, "m1: read: connection reset by peer"));
+             RpcStatus(RpcCode::UNKNOWN, "m1: read: connection reset by peer"));
   fake_.Fail("m2.example/library/nginx:latest",
-             grpc::Status(grpc::StatusCode::NOT_FOUND, "m2.example/library/nginx: not found"));
+             RpcStatus(RpcCode::NOT_FOUND, "m2.example/library/nginx: not found"));
   const std::string upstream_msg =
       "failed to pull and unpack image \"docker.io/library/nginx:latest\": failed to resolve "
       "reference: pull access denied, repository does not exist or may require authorization";
-  fake_.Fail("nginx", grpc::Status(grpc::StatusCode::NOT_FOUND, upstream_msg));
+  fake_.Fail("nginx", RpcStatus(RpcCode::NOT_FOUND, upstream_msg));
   InterceptResult r = Pull(Request("nginx", "default"));
-  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(r.status.error_code(), RpcCode::NOT_FOUND);
   EXPECT_EQ(r.status.error_message(),
             "mirror m1.example: down (connection reset); mirror m2.example: not found; upstream "
             "docker.io: " +
@@ -616,27 +616,27 @@ TEST_F(PullServiceTest, ContainerdsOwnFailureStopsTheWalkAndBlamesNoMirror) {
   const std::string disk =
       "failed to pull and unpack image \"m1.example/library/nginx:latest\": failed to extract "
       "layer sha256:abc: write /var/lib/containerd/x: no space left on device: unknown";
-  fake_.Fail("m1.example/library/nginx:latest", grpc::Status(grpc::StatusCode::UNKNOWN, disk));
+  fake_.Fail("m1.example/library/nginx:latest", RpcStatus(RpcCode::UNKNOWN, disk));
   fake_.Serve("m2.example/library/nginx:latest", kDigest, kId);  // never asked
   InterceptResult r = Pull(Request("nginx", "default"));
-  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNKNOWN);
+  EXPECT_EQ(r.status.error_code(), RpcCode::UNKNOWN);
   EXPECT_EQ(r.status.error_message(), disk);
   EXPECT_EQ(fake_.pulled_images(), std::vector<std::string>{"m1.example/library/nginx:latest"});
   // containerd unreachable: the same.
   fake_.Fail("m1.example/library/nginx:latest",
-             grpc::Status(grpc::StatusCode::UNAVAILABLE, "failed to connect to all addresses"));
+             RpcStatus(RpcCode::UNAVAILABLE, "failed to connect to all addresses"));
   r = Pull(Request("nginx", "default"));
-  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(r.status.error_code(), RpcCode::UNAVAILABLE);
   EXPECT_EQ(fake_.pulled_images().size(), 2u);
 }
 
 TEST_F(PullServiceTest, FallbackOffReturnsTheLastMirrorsError) {
-  fake_.Fail("q1.example/org/app:v1", grpc::Status(grpc::StatusCode::UNKNOWN, "q1 says no"));
+  fake_.Fail("q1.example/org/app:v1", RpcStatus(RpcCode::UNKNOWN, "q1 says no"));
   fake_.Fail("q2.example/org/app:v1",
-             grpc::Status(grpc::StatusCode::UNAVAILABLE, "q2: dial tcp: connection refused"));
+             RpcStatus(RpcCode::UNAVAILABLE, "q2: dial tcp: connection refused"));
   fake_.Serve("quay.io/org/app:v1", kDigest, kId);  // never asked
   InterceptResult r = Pull(Request("quay.io/org/app:v1", "default"));
-  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(r.status.error_code(), RpcCode::UNAVAILABLE);
   EXPECT_EQ(r.status.error_message(),
             "mirror q1.example: failed; mirror q2.example: q2: dial tcp: connection refused");
   EXPECT_EQ(fake_.pulled_images(),
@@ -680,7 +680,7 @@ TEST_F(PullServiceTest, NoSandboxConfigFollowsThePolicy) {
 TEST_F(PullServiceTest, CredentialedPullsAreMirroredWithoutTheCallersCredentials) {
   LogCapture log;
   fake_.Fail("m1.example/library/nginx:latest",
-             grpc::Status(grpc::StatusCode::NOT_FOUND, "m1: not found"));
+             RpcStatus(RpcCode::NOT_FOUND, "m1: not found"));
   fake_.Serve("m2.example/library/nginx:latest", kDigest, kId);
   runtime::v1::PullImageRequest req = Request("nginx", "default");
   req.mutable_auth()->set_username("kubelet-user");
@@ -701,8 +701,8 @@ TEST_F(PullServiceTest, CredentialedPullsAreMirroredWithoutTheCallersCredentials
 }
 
 TEST_F(PullServiceTest, CredentialedPullsGoUpstreamWithTheCallersBytesLast) {
-  fake_.Fail("m1.example/library/nginx:latest", grpc::Status(grpc::StatusCode::UNKNOWN, "down"));
-  fake_.Fail("m2.example/library/nginx:latest", grpc::Status(grpc::StatusCode::UNKNOWN, "down"));
+  fake_.Fail("m1.example/library/nginx:latest", RpcStatus(RpcCode::UNKNOWN, "down"));
+  fake_.Fail("m2.example/library/nginx:latest", RpcStatus(RpcCode::UNKNOWN, "down"));
   fake_.Serve("docker.io/library/nginx:latest", kDigest, kId);
   runtime::v1::PullImageRequest req = Request("nginx", "default");
   req.mutable_auth()->set_username("kubelet-user");
@@ -782,7 +782,7 @@ TEST_F(PullServiceTest, AnyAuthFieldCounts) {
 
 TEST_F(PullServiceTest, MirrorCredentialsGoOnlyToTheirMirror) {
   LogCapture log;
-  fake_.Fail("q1.example/org/app:v1", grpc::Status(grpc::StatusCode::UNKNOWN, "q1 busy"));
+  fake_.Fail("q1.example/org/app:v1", RpcStatus(RpcCode::UNKNOWN, "q1 busy"));
   fake_.Serve("q2.example/org/app:v1", kDigest, kId);
   ASSERT_TRUE(Pull(Request("quay.io/org/app:v1", "default")).status.ok());
   const auto pulls = fake_.pulls();
@@ -802,7 +802,7 @@ TEST_F(PullServiceTest, MirrorCredentialsGoOnlyToTheirMirror) {
 
 TEST_F(PullServiceTest, MissingMirrorCredentialsSkipTheMirrorWithAClearError) {
   fake_.Serve("g1.example/org/app:v1", kDigest, kId);
-  fake_.Fail("ghcr.io/org/app:v1", grpc::Status(grpc::StatusCode::UNKNOWN, "upstream down"));
+  fake_.Fail("ghcr.io/org/app:v1", RpcStatus(RpcCode::UNKNOWN, "upstream down"));
   InterceptResult r = Pull(Request("ghcr.io/org/app:v1", "default"));
   // Never pulled anonymously from g1; upstream was the last attempt.
   EXPECT_EQ(fake_.pulled_images(), std::vector<std::string>{"ghcr.io/org/app:v1"});
@@ -815,7 +815,7 @@ TEST_F(PullServiceTest, MissingMirrorCredentialsSkipTheMirrorWithAClearError) {
       "    fallback: false\n");
   service_.reset();
   r = Pull(Request("ghcr.io/org/app:v1", "default"));
-  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(r.status.error_code(), RpcCode::FAILED_PRECONDITION);
   EXPECT_NE(r.status.error_message().find("node.credentialsFile is not set"), std::string::npos)
       << r.status.error_message();
 }
@@ -878,12 +878,12 @@ TEST_F(PullServiceTest, CancellationStopsFurtherAttempts) {
   CallOptions opts;
   opts.cancellation = &cancel;
   InterceptResult r = Pull(Request("nginx", "default"), opts);
-  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_EQ(r.status.error_code(), RpcCode::CANCELLED);
   EXPECT_EQ(fake_.pulls().size(), 1u);
 
   // Cancelled before it started: containerd is not even asked.
   InterceptResult again = Pull(Request("nginx", "default"), opts);
-  EXPECT_EQ(again.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_EQ(again.status.error_code(), RpcCode::CANCELLED);
   EXPECT_EQ(fake_.pulls().size(), 1u);
 }
 
@@ -902,7 +902,7 @@ TEST_F(PullServiceTest, CallOptionsAndVersionReachContainerd) {
 TEST_F(PullServiceTest, GarbageRequestIsForwardedAsItCame) {
   const std::string garbage("\x0a\xff\xff\xff\xff\x0f", 6);  // a length past the end
   InterceptResult r = Service().PullImage(CriVersion::kV1, garbage, {});
-  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INTERNAL);  // containerd's answer
+  EXPECT_EQ(r.status.error_code(), RpcCode::INTERNAL);  // containerd's answer
   ASSERT_EQ(fake_.pulls().size(), 1u);
   EXPECT_TRUE(fake_.pulls()[0].raw);
   EXPECT_EQ(fake_.pulls()[0].bytes, garbage);
@@ -1144,18 +1144,18 @@ TEST_F(PullServiceTest, RecoverStatusWhenCriNeverSeesTheAliasAnswersTheMiss) {
   struct HideAfterFirst : CriImageBackend {
     FakeContainerd* inner;
     int calls = 0;
-    grpc::Status PullImage(CriVersion v, const runtime::v1::PullImageRequest& q,
+    RpcStatus PullImage(CriVersion v, const runtime::v1::PullImageRequest& q,
                            const CallOptions& o, runtime::v1::PullImageResponse* p) override {
       return inner->PullImage(v, q, o, p);
     }
-    grpc::Status PullImageRaw(CriVersion v, const std::string& q, const CallOptions& o,
+    RpcStatus PullImageRaw(CriVersion v, const std::string& q, const CallOptions& o,
                               std::string* p) override {
       return inner->PullImageRaw(v, q, o, p);
     }
-    grpc::Status ImageStatus(CriVersion v, const runtime::v1::ImageStatusRequest& q,
+    RpcStatus ImageStatus(CriVersion v, const runtime::v1::ImageStatusRequest& q,
                              const CallOptions& o, runtime::v1::ImageStatusResponse* p) override {
       if (calls++ == 0) return inner->ImageStatus(v, q, o, p);
-      return grpc::Status::OK;
+      return RpcStatus::OK;
     }
   } cri;
   cri.inner = &fake_;
@@ -1176,13 +1176,13 @@ class RecordingObserver final : public PullObserver {
  public:
   void OnPull(const PullReport& r) override {
     Add("pull outcome=" + std::string(PullOutcomeName(r.outcome)) + " rule=" + std::string(r.rule) +
-        " mirror=" + std::string(r.mirror) + " code=" + std::to_string(r.code) +
+        " mirror=" + std::string(r.mirror) + " code=" + std::to_string(static_cast<int>(r.code)) +
         " attempts=" + std::to_string(r.attempts));
   }
-  void OnAttempt(std::string_view rule, std::string_view target, grpc::StatusCode code,
+  void OnAttempt(std::string_view rule, std::string_view target, RpcCode code,
                  std::chrono::nanoseconds) override {
     Add("attempt rule=" + std::string(rule) + " target=" + std::string(target) +
-        " code=" + std::to_string(code));
+        " code=" + std::to_string(static_cast<int>(code)));
   }
   void OnMirrorSkipped(std::string_view mirror, SkipReason reason) override {
     Add("skipped " + std::string(mirror) + " " + std::string(SkipReasonName(reason)));
@@ -1373,7 +1373,7 @@ TEST_F(FailoverTest, OnlyASkippedMirrorAndNoFallbackSaysWhy) {
   SetConfig("rules:\n  - match: quay.io\n    mirrors: [q2.example]\n    fallback: false\n");
   health_.verdicts["q2.example"] = DeadProbe();
   InterceptResult r = FPull(Request("quay.io/a/b:1", "default"));
-  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(r.status.error_code(), RpcCode::UNAVAILABLE);
   EXPECT_EQ(r.status.error_message(),
             "registry-proxy: mirror q2.example skipped: probe https://m1.example/v2/ failed: "
             "connect: connection refused");
@@ -1386,13 +1386,13 @@ TEST_F(FailoverTest, AttemptErrorsAreReportedDownOnlyWhenTheyMeanTheMirrorIsDown
   const std::string refused =
       "failed to pull and unpack image \"m1.example/library/nginx:latest\": failed to resolve "
       "reference: failed to do request: dial tcp 10.0.0.1:443: connect: connection refused";
-  fake_.Fail("m1.example/library/nginx:latest", grpc::Status(grpc::StatusCode::UNKNOWN, refused));
+  fake_.Fail("m1.example/library/nginx:latest", RpcStatus(RpcCode::UNKNOWN, refused));
   // m2 lacks the image (NOT_FOUND); upstream is down too: the last error comes back unchanged.
   fake_.Fail("docker.io/library/nginx:latest",
-             grpc::Status(grpc::StatusCode::UNKNOWN, "upstream: connection refused"));
+             RpcStatus(RpcCode::UNKNOWN, "upstream: connection refused"));
   health_.report_answer = 1;
   InterceptResult r = FPull(Request("nginx", "default"));
-  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::UNKNOWN);
+  EXPECT_EQ(r.status.error_code(), RpcCode::UNKNOWN);
   EXPECT_EQ(r.status.error_message(),
             "mirror m1.example: down (connection refused); mirror m2.example: not found; "
             "upstream docker.io: upstream: connection refused");
@@ -1417,7 +1417,7 @@ TEST_F(FailoverTest, AttemptTimeoutBoundsEachAttemptAndTheNextCandidateIsTried) 
     }
   };
   fake_.Fail("m1.example/library/nginx:latest",
-             grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "Deadline Exceeded"));
+             RpcStatus(RpcCode::DEADLINE_EXCEEDED, "Deadline Exceeded"));
   LogCapture log;
   const auto before = std::chrono::system_clock::now();
   InterceptResult r = FPull(Request("nginx", "default"));
@@ -1442,11 +1442,11 @@ TEST_F(FailoverTest, TheCallersShorterDeadlineWinsAndIsNotTheMirrorsFault) {
     std::this_thread::sleep_until(c.deadline + milliseconds(1));
   };
   fake_.Fail("m1.example/library/nginx:latest",
-             grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "Deadline Exceeded"));
+             RpcStatus(RpcCode::DEADLINE_EXCEEDED, "Deadline Exceeded"));
   CallOptions opts;
   opts.deadline = caller;
   InterceptResult r = FPull(Request("nginx", "default"), opts);
-  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_EQ(r.status.error_code(), RpcCode::DEADLINE_EXCEEDED);
   ASSERT_EQ(fake_.pulls().size(), 1u);  // nothing after the caller's deadline
   EXPECT_EQ(fake_.pulls()[0].deadline, caller);
   EXPECT_EQ(health_.reports, std::vector<std::string>{"m1.example failed"});
@@ -1463,11 +1463,11 @@ TEST_F(FailoverTest, PullTimeoutBoundsTheWholeCall) {
     std::this_thread::sleep_until(c.deadline + milliseconds(1));
   };
   fake_.Fail("m1.example/library/nginx:latest",
-             grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "Deadline Exceeded"));
+             RpcStatus(RpcCode::DEADLINE_EXCEEDED, "Deadline Exceeded"));
   const auto before = std::chrono::system_clock::now();
   LogCapture log;
   InterceptResult r = FPull(Request("nginx", "default"));
-  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_EQ(r.status.error_code(), RpcCode::DEADLINE_EXCEEDED);
   ASSERT_EQ(fake_.pulls().size(), 1u);
   EXPECT_LE(fake_.pulls()[0].deadline, before + milliseconds(5) + std::chrono::seconds(60));
   EXPECT_NE(fake_.pulls()[0].deadline, std::chrono::system_clock::time_point::max());
@@ -1486,7 +1486,7 @@ TEST_F(FailoverTest, CancelledDuringAProbeStopsEverything) {
   CallOptions opts;
   opts.cancellation = &cancel;
   InterceptResult r = FPull(Request("nginx", "default"), opts);
-  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_EQ(r.status.error_code(), RpcCode::CANCELLED);
   EXPECT_TRUE(fake_.pulls().empty());
   EXPECT_EQ(health_.checks.size(), 1u);
   EXPECT_EQ(health_.last_opts.cancellation, &cancel);
@@ -1505,7 +1505,7 @@ TEST_F(FailoverTest, DeadlinePassingWhileProbingIsDeadlineExceeded) {
   health_.verdicts["m1.example"] = late;
   health_.during_check = [&] { std::this_thread::sleep_until(opts.deadline + milliseconds(5)); };
   InterceptResult r = FPull(Request("nginx", "default"), opts);
-  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_EQ(r.status.error_code(), RpcCode::DEADLINE_EXCEEDED);
   EXPECT_NE(r.status.error_message().find("the deadline passed while probing it"),
             std::string::npos)
       << r.status.error_message();
@@ -1518,7 +1518,7 @@ TEST_F(FailoverTest, CancelledDuringAnAttemptIsNotTheMirrorsFault) {
   CallOptions opts;
   opts.cancellation = &cancel;
   InterceptResult r = FPull(Request("nginx", "default"), opts);
-  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_EQ(r.status.error_code(), RpcCode::CANCELLED);
   EXPECT_EQ(fake_.pulls().size(), 1u);
   EXPECT_TRUE(health_.reports.empty());
   EXPECT_EQ(observer_.calls().back(),

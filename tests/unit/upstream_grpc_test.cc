@@ -271,12 +271,12 @@ TEST_F(UpstreamGrpcTest, ErrorsComeBackUnchanged) {
   GrpcCriImageBackend backend(channel_);
   runtime::v1::PullImageRequest req;
   runtime::v1::PullImageResponse resp;
-  grpc::Status s = backend.PullImage(CriVersion::kV1, req, {}, &resp);
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+  RpcStatus s = backend.PullImage(CriVersion::kV1, req, {}, &resp);
+  EXPECT_EQ(s.error_code(), RpcCode::NOT_FOUND);
   EXPECT_EQ(s.error_message(), "failed to pull: \"x\" not found");
   std::string out = "stale";
   s = backend.PullImageRaw(CriVersion::kV1, "", {}, &out);
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(s.error_code(), RpcCode::NOT_FOUND);
   EXPECT_EQ(out, "");
 }
 
@@ -293,14 +293,14 @@ TEST_F(UpstreamGrpcTest, CancellationStopsARunningCall) {
   runtime::v1::PullImageRequest req;
   runtime::v1::PullImageResponse resp;
   const auto start = std::chrono::steady_clock::now();
-  grpc::Status s = backend.PullImage(CriVersion::kV1, req, opts, &resp);
+  RpcStatus s = backend.PullImage(CriVersion::kV1, req, opts, &resp);
   t.join();
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_EQ(s.error_code(), RpcCode::CANCELLED);
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
 
   // Cancelled before the call: it never runs long.
-  grpc::Status again = backend.PullImage(CriVersion::kV1, req, opts, &resp);
-  EXPECT_EQ(again.error_code(), grpc::StatusCode::CANCELLED);
+  RpcStatus again = backend.PullImage(CriVersion::kV1, req, opts, &resp);
+  EXPECT_EQ(again.error_code(), RpcCode::CANCELLED);
 }
 
 TEST_F(UpstreamGrpcTest, DeadlineBoundsACall) {
@@ -311,7 +311,7 @@ TEST_F(UpstreamGrpcTest, DeadlineBoundsACall) {
   runtime::v1::PullImageRequest req;
   runtime::v1::PullImageResponse resp;
   EXPECT_EQ(backend.PullImage(CriVersion::kV1, req, opts, &resp).error_code(),
-            grpc::StatusCode::DEADLINE_EXCEEDED);
+            RpcCode::DEADLINE_EXCEEDED);
 }
 
 TEST_F(UpstreamGrpcTest, RecordStoreContract) {
@@ -341,7 +341,7 @@ TEST_F(UpstreamGrpcTest, RecordStoreContract) {
   EXPECT_EQ(got.labels, r.labels);
   EXPECT_EQ(got.target_digest, r.target_digest);
 
-  EXPECT_EQ(store.Get("nope", &got).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(store.Get("nope", &got).error_code(), RpcCode::NOT_FOUND);
   EXPECT_TRUE(store.Delete(r.name).ok());
   EXPECT_TRUE(store.Delete(r.name).ok());  // already gone: OK
   EXPECT_EQ(images_.ops, (std::vector<std::string>{"create", "get", "create", "update", "get",
