@@ -63,16 +63,16 @@ class QuickInterceptor : public ImageInterceptor {
  public:
   InterceptResult PullImage(CriVersion, const std::string& request, const CallOptions&) override {
     if (!request.empty() && request[0] == 'e') {
-      return {grpc::Status(grpc::StatusCode::UNAVAILABLE, request, request), ""};
+      return {RpcStatus(RpcCode::UNAVAILABLE, request, request), ""};
     }
-    return {grpc::Status::OK, request};
+    return {RpcStatus::OK, request};
   }
   bool StatusNeedsRecovery(CriVersion, const std::string&, const std::string& response) override {
     return !response.empty() && response[0] == 'm';
   }
   InterceptResult RecoverStatus(CriVersion, const std::string& request, const std::string&,
                                 const CallOptions&) override {
-    return {grpc::Status::OK, "recovered:" + request};
+    return {RpcStatus::OK, "recovered:" + request};
   }
 };
 
