@@ -50,7 +50,7 @@
 
 #include "k8s.io/cri-api/pkg/apis/runtime/v1/api.pb.h"
 #include "testbed.h"
-#include "upstream_grpc.h"
+#include "containerd/upstream_grpc.h"
 
 #ifndef RP_BINARY
 #define RP_BINARY "registry-proxy"

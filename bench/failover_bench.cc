@@ -30,9 +30,9 @@
 #include <string>
 #include <vector>
 
-#include "cri_client.h"
+#include "containerd/cri_client.h"
 #include "delay_proxy.h"
-#include "grpc_status.h"
+#include "containerd/grpc_status.h"
 #include "testbed.h"
 
 #ifndef RP_BINARY

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "config.h"
+#include "rules/config.h"
 
 namespace registry_proxy {
 namespace {

@@ -14,14 +14,14 @@ trap 'rm -rf "$tmp"' EXIT
 cmake -S "$src" -B "$tmp" -G "Unix Makefiles" -DCMAKE_BUILD_TYPE=Release \
   -DRP_BUILD_TESTS=OFF -DRP_BUILD_BENCH=OFF >"$tmp/configure.log" 2>&1 ||
   { cat "$tmp/configure.log" >&2; fail "cmake -DCMAKE_BUILD_TYPE=Release does not configure"; }
-flags=$tmp/daemon/CMakeFiles/registry_proxy_core.dir/flags.make
+flags=$tmp/daemon/src/cri/CMakeFiles/rp_cri.dir/flags.make
 [ -f "$flags" ] || fail "no $flags"
 grep -q -- '-O3' "$flags" || fail "Release flags lack -O3: $(grep CXX_FLAGS "$flags")"
 ! grep -q -- '-Werror' "$flags" || fail "a Release build treats warnings as errors: $(grep CXX_FLAGS "$flags")"
 echo "Release configure: -O3, no -Werror"
 make -C "$tmp" -j "${RP_JOBS:-2}" rp_proto >"$tmp/proto.log" 2>&1 ||
   { tail -30 "$tmp/proto.log" >&2; fail "rp_proto does not build"; }
-make -C "$tmp/daemon" src/h2_relay.cc.o >"$tmp/obj.log" 2>&1 ||
+make -C "$tmp/daemon/src/cri" h2_relay.cc.o >"$tmp/obj.log" 2>&1 ||
   { tail -30 "$tmp/obj.log" >&2; fail "h2_relay.cc does not compile in a Release build"; }
 echo "h2_relay.cc compiled at -O3; warnings: $(grep -c 'warning:' "$tmp/obj.log" || true)"
 echo "PASS"

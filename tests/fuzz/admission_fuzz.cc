@@ -17,8 +17,8 @@
 #include <string>
 #include <string_view>
 
-#include "admission.h"
-#include "config.h"
+#include "webhook/admission.h"
+#include "rules/config.h"
 
 namespace {
 

@@ -14,7 +14,7 @@
 #include <string>
 #include <string_view>
 
-#include "config.h"
+#include "rules/config.h"
 
 namespace {
 

@@ -30,11 +30,11 @@
 #include <string>
 #include <vector>
 
-#include "config.h"
-#include "credentials.h"
-#include "pull_service.h"
-#include "reference.h"
-#include "upstream.h"
+#include "rules/config.h"
+#include "pull/credentials.h"
+#include "pull/pull_service.h"
+#include "rules/reference.h"
+#include "containerd/upstream.h"
 
 namespace {
 

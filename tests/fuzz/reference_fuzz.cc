@@ -14,7 +14,7 @@
 #include <string>
 #include <string_view>
 
-#include "reference.h"
+#include "rules/reference.h"
 
 namespace {
 

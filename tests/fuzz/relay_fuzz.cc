@@ -26,7 +26,7 @@
 #include <thread>
 #include <vector>
 
-#include "h2_relay.h"
+#include "cri/h2_relay.h"
 
 namespace {
 

@@ -54,7 +54,7 @@ want_in "$socket" 'Before=kubelet.service'
 want_in "$socket" 'WantedBy=sockets.target'
 want 'RuntimeDirectoryPreserve=yes'
 # The daemon's socket is node.listen's default, inside the runtime directory.
-grep -q '"unix:///run/registry-proxy/registry-proxy.sock"' "$(dirname "$0")/../../daemon/src/config.h" ||
+grep -q '"unix:///run/registry-proxy/registry-proxy.sock"' "$(dirname "$0")/../../daemon/src/rules/config.h" ||
   fail "node.listen's default is not in /run/registry-proxy (RuntimeDirectory)"
 
 # systemd must wait longer than the daemon's drain before SIGKILL.

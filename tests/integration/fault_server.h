@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "loopback_listener.h"
-#include "status.h"
+#include "base/status.h"
 
 namespace rp_testbed {
 

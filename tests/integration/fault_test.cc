@@ -41,7 +41,7 @@
 #include <thread>
 #include <vector>
 
-#include "cri_client.h"
+#include "containerd/cri_client.h"
 #include "shim_fixture.h"
 #include "testbed.h"
 

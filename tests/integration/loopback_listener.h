@@ -12,7 +12,7 @@
 #include <thread>
 #include <vector>
 
-#include "status.h"
+#include "base/status.h"
 
 namespace rp_testbed {
 

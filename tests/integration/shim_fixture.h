@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "cri_client.h"
+#include "containerd/cri_client.h"
 #include "testbed.h"
 
 namespace rp_testbed {

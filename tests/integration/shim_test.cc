@@ -12,11 +12,11 @@
 #include <thread>
 #include <vector>
 
-#include "config.h"
-#include "cri_client.h"
+#include "rules/config.h"
+#include "containerd/cri_client.h"
 #include "fault_server.h"
 #include "shim_fixture.h"
-#include "string_util.h"
+#include "base/string_util.h"
 #include "testbed.h"
 
 namespace rp_testbed {

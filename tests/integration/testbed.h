@@ -25,8 +25,8 @@
 #include <thread>
 #include <vector>
 
-#include "cri_client.h"
-#include "status.h"
+#include "containerd/cri_client.h"
+#include "base/status.h"
 
 namespace rp_testbed {
 

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "signals.h"
+#include "base/signals.h"
 #include "testbed.h"
 
 namespace {

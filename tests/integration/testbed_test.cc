@@ -17,7 +17,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "cli.h"
+#include "commands/cli.h"
 
 namespace rp_testbed {
 namespace {

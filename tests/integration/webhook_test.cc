@@ -26,7 +26,7 @@
 #include <vector>
 
 #include "testbed.h"
-#include "webhook_tls.h"
+#include "webhook/webhook_tls.h"
 
 namespace {
 

@@ -1,0 +1,73 @@
+// A small synchronous CRI client over a unix socket: the `pull`, `images`, `status` and
+// `remove` subcommands and the integration tests use it to talk to containerd or to the
+// daemon. Every call is bounded by a timeout; errors come back as the server's grpc::Status,
+// unchanged (kubelet parses messages, so callers must see exactly what containerd said).
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "containerd/grpc_status.h"  // re-exported: GrpcCodeName, GrpcStatusText
+#include "k8s.io/cri-api/pkg/apis/runtime/v1/api.grpc.pb.h"
+#include "base/status.h"
+
+namespace registry_proxy {
+
+// Where registry-proxy serves the CRI on a node.
+inline constexpr char kDefaultCriEndpoint[] = "unix:///run/registry-proxy/registry-proxy.sock";
+
+// "unix:///path", "unix:/path" or "/path" -> "unix:///path"; anything else is an error
+// (the CRI is only ever served on a local socket here).
+Result<std::string> NormalizeCriEndpoint(std::string_view endpoint);
+
+class CriClient {
+ public:
+  using Duration = std::chrono::milliseconds;
+  static constexpr Duration kDefaultTimeout = std::chrono::seconds(30);
+
+  // A connection attempt gets this long to complete its handshake (gRPC's minimum connect
+  // timeout): a starting daemon answers once it is up.
+  static constexpr int kConnectTimeoutMs = 20000;
+
+  // The channel connects lazily, so this never fails on a missing socket. Calls wait for a
+  // connection up to their timeout (wait-for-ready, as crictl does: a daemon that is restarting
+  // or socket-activated answers once up); without one by then they fail UNAVAILABLE. Reconnects
+  // back off for at most ~1 s: the peer is local, and tests restart containerd under a live
+  // client.
+  static Result<std::unique_ptr<CriClient>> Connect(std::string_view endpoint);
+
+  const std::string& endpoint() const { return endpoint_; }
+
+  grpc::Status Version(runtime::v1::VersionResponse* out, Duration timeout = kDefaultTimeout);
+  grpc::Status PullImage(const runtime::v1::PullImageRequest& req,
+                         runtime::v1::PullImageResponse* out, Duration timeout);
+  // A miss is OK with no `image` in `out` (CRI semantics), not NOT_FOUND.
+  grpc::Status ImageStatus(const std::string& image, bool verbose,
+                           runtime::v1::ImageStatusResponse* out,
+                           Duration timeout = kDefaultTimeout);
+  grpc::Status ListImages(runtime::v1::ListImagesResponse* out, Duration timeout = kDefaultTimeout);
+  grpc::Status RemoveImage(const std::string& image, Duration timeout = kDefaultTimeout);
+
+  // The raw stubs, for calls the helpers above do not cover (tests).
+  runtime::v1::RuntimeService::Stub& runtime() { return *runtime_; }
+  runtime::v1::ImageService::Stub& images() { return *images_; }
+
+  // A context with the given timeout (none when timeout is zero or negative), wait-for-ready.
+  static void SetTimeout(grpc::ClientContext* ctx, Duration timeout);
+
+ private:
+  CriClient(std::string endpoint, std::shared_ptr<grpc::Channel> channel);
+  // A call's status; DEADLINE_EXCEEDED without a connection becomes UNAVAILABLE, saying so.
+  grpc::Status Finish(grpc::Status s, Duration timeout) const;
+
+  std::string endpoint_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<runtime::v1::RuntimeService::Stub> runtime_;
+  std::unique_ptr<runtime::v1::ImageService::Stub> images_;
+};
+
+}  // namespace registry_proxy
