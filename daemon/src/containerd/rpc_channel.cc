@@ -177,6 +177,8 @@ std::string SocketPath(std::string_view endpoint) {
   return std::string(endpoint);
 }
 
+struct Session;  // one HTTP/2 connection (below)
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -194,7 +196,7 @@ struct RpcCallHandle::Call {
   RpcCallHandle* handle = nullptr;  // the caller's, or null
 
   // The loop thread's alone.
-  struct Session* session = nullptr;  // where the stream is open, or null
+  Session* session = nullptr;  // where the stream is open, or null
   int32_t stream_id = 0;
   size_t sent = 0;    // of request
   std::string rx;     // received bytes of a message not yet complete
@@ -218,7 +220,8 @@ struct RpcCallHandle::Call {
 
 using CallPtr = std::shared_ptr<RpcCallHandle::Call>;
 
-// One HTTP/2 connection.
+namespace {
+
 struct Session {
   struct RpcChannel::Loop* loop = nullptr;
   int fd = -1;
@@ -236,6 +239,8 @@ struct Session {
   }
 };
 
+}  // namespace
+
 // ---------------------------------------------------------------------------------------------
 // The loop thread and everything it owns.
 
@@ -248,6 +253,8 @@ struct RpcChannel::Loop {
   void Cancel(const CallPtr& call, RpcStatus why);
   void Consume(const CallPtr& call);
   void Stop();
+  template <class Push>
+  bool Post(Push push);
 
   // Loop side.
   void Run();
@@ -275,6 +282,7 @@ struct RpcChannel::Loop {
   std::vector<CallPtr> submitted;
   std::vector<std::pair<CallPtr, RpcStatus>> cancels;
   std::vector<CallPtr> consumes;
+  bool wake_pending = false;  // the eventfd was written and the loop has not taken the queues
   bool stop = false;
 
   // The loop thread's alone.
@@ -467,43 +475,38 @@ void RpcChannel::Loop::Abort(const CallPtr& call, RpcStatus status) {
 // ---------------------------------------------------------------------------------------------
 // Requests from callers' threads.
 
-void RpcChannel::Loop::Submit(const CallPtr& call) {
-  bool queued = false;
+// Queues a request (under mu) and wakes the loop, unless a wake is already on its way: the loop
+// takes every queued request at once, so one eventfd write serves a burst of calls.
+template <class Push>
+bool RpcChannel::Loop::Post(Push push) {
+  bool wake = false;
   {
     std::lock_guard lock(mu);
-    if (!stop && wake_fd >= 0) {
-      submitted.push_back(call);
-      queued = true;
-    }
-  }
-  if (!queued) {
-    Complete(call, wake_fd < 0 ? RpcStatus(RpcCode::UNAVAILABLE, "the channel has no event loop")
-                               : RpcStatus(RpcCode::CANCELLED, "the channel was closed"));
-    return;
+    if (stop) return false;  // the loop has finished (or is finishing) every call
+    push();
+    wake = !wake_pending;
+    wake_pending = true;
   }
   uint64_t one = 1;
-  (void)!write(wake_fd, &one, sizeof one);  // EAGAIN: the counter is full, the loop awake
+  if (wake) (void)!write(wake_fd, &one, sizeof one);  // EAGAIN: the counter is full, loop awake
+  return true;
+}
+
+void RpcChannel::Loop::Submit(const CallPtr& call) {
+  if (wake_fd < 0) {
+    Complete(call, RpcStatus(RpcCode::UNAVAILABLE, "the channel has no event loop"));
+  } else if (!Post([&] { submitted.push_back(call); })) {
+    Complete(call, RpcStatus(RpcCode::CANCELLED, "the channel was closed"));
+  }
 }
 
 // Both with the call's lock held by the caller (RpcChannel::RequestCancel, RequestConsume).
 void RpcChannel::Loop::Cancel(const CallPtr& call, RpcStatus why) {
-  {
-    std::lock_guard lock(mu);
-    if (stop) return;  // the loop cancels everything on its way out
-    cancels.emplace_back(call, std::move(why));
-  }
-  uint64_t one = 1;
-  (void)!write(wake_fd, &one, sizeof one);
+  Post([&] { cancels.emplace_back(call, std::move(why)); });
 }
 
 void RpcChannel::Loop::Consume(const CallPtr& call) {
-  {
-    std::lock_guard lock(mu);
-    if (stop) return;
-    consumes.push_back(call);
-  }
-  uint64_t one = 1;
-  (void)!write(wake_fd, &one, sizeof one);
+  Post([&] { consumes.push_back(call); });
 }
 
 void RpcChannel::Loop::Stop() {
@@ -582,14 +585,16 @@ void RpcChannel::Loop::Run() {
   }
   // Closing: every call still here ends CANCELLED, and callers blocked on one return.
   const RpcStatus closed(RpcCode::CANCELLED, "the channel was closed");
+  std::vector<CallPtr> unstarted;
   {
     std::lock_guard lock(mu);
     stop = true;  // also when epoll_wait failed: no request is queued after this
-    for (const CallPtr& c : submitted) Finish(c, closed);
-    submitted.clear();
+    unstarted.swap(submitted);
     cancels.clear();
     consumes.clear();
   }
+  // Not under mu: RequestCancel holds a call's lock while it takes mu.
+  for (const CallPtr& c : unstarted) Finish(c, closed);
   for (const CallPtr& c : std::vector<CallPtr>(waiting)) Finish(c, closed);
   waiting.clear();
   for (auto& s : sessions) {
@@ -604,6 +609,7 @@ void RpcChannel::Loop::TakeRequests() {
   std::vector<std::pair<CallPtr, RpcStatus>> to_cancel;
   {
     std::lock_guard lock(mu);
+    wake_pending = false;
     new_calls.swap(submitted);
     to_cancel.swap(cancels);
     to_consume.swap(consumes);

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "base/rpc_status.h"
+#include "cri/call.h"
 
 namespace google::protobuf {
 class MessageLite;
@@ -37,14 +38,15 @@ using RpcMetadata = std::vector<std::pair<std::string, std::string>>;
 // Cancels one call from any thread: before it starts (it then fails CANCELLED at once), while
 // it runs (RST_STREAM CANCEL; the call returns CANCELLED) or after it ended (nothing). Owned by
 // the caller; it must outlive the call it is given to. Once cancelled it stays cancelled, so a
-// call started with it later fails CANCELLED too. Thread-safe.
-class RpcCallHandle {
+// call started with it later fails CANCELLED too. Thread-safe. A Cancellable, so a downstream
+// call's Cancellation (cri/call.h) can hold it: Cancellation::Scope scope(c, &handle).
+class RpcCallHandle final : public Cancellable {
  public:
   RpcCallHandle() = default;
   RpcCallHandle(const RpcCallHandle&) = delete;
   RpcCallHandle& operator=(const RpcCallHandle&) = delete;
 
-  void Cancel();
+  void Cancel() override;
   bool cancelled() const;
 
   struct Call;  // the channel's state of one call (rpc_channel.cc)
