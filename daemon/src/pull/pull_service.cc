@@ -755,15 +755,24 @@ bool PullService::StatusNeedsRecovery(CriVersion /*v*/, const std::string& reque
     runtime::v1::ImageStatusRequest req;
     if (!req.ParseFromString(request)) return false;
     const std::shared_ptr<const Config> config = config_();
-    PullContext ctx;
-    ctx.any_namespace = true;  // the image store is the node's, not one namespace's
-    const Decision d = config->policy->Decide(req.image().image(), ctx);
-    if (!d.rewritten()) return false;
+    // The decision and the copies' names depend only on the name and the snapshot: computed
+    // once per both (miss_cache.h), so the common miss is a hash lookup, as a hit is.
+    const std::shared_ptr<const StatusMissCache::Entry> miss = miss_cache_.Get(
+        config, req.image().image(), [](const Config& c, const std::string& image) {
+          PullContext ctx;
+          ctx.any_namespace = true;  // the image store is the node's, not one namespace's
+          const Decision d = c.policy->Decide(image, ctx);
+          StatusMissCache::Entry e;
+          e.rewritten = d.rewritten();
+          if (e.rewritten) e.copies = MirrorCopies(c, d);
+          return e;
+        });
+    if (!miss->rewritten) return false;
     // The common miss, an image not on the node at all (kubelet asks before every first pull):
     // when the index knows that no mirror copy is there either, nothing is asked.
     if (options_.image_index) {
-      const std::optional<bool> any = options_.image_index->ContainsAny(
-          config->node.containerd_namespace, MirrorCopies(*config, d));
+      const std::optional<bool> any =
+          options_.image_index->ContainsAny(config->node.containerd_namespace, miss->copies);
       if (any.has_value()) return *any;
     }
     return true;

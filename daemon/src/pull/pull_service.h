@@ -39,6 +39,7 @@
 #include "containerd/image_index.h"
 #include "cri/interceptor.h"
 #include "pull/mirror_health.h"
+#include "pull/miss_cache.h"
 #include "pull/pull_observer.h"
 #include "containerd/upstream.h"
 #include "base/worker_threads.h"
@@ -147,6 +148,7 @@ class PullService final : public ImageInterceptor {
   Options options_;
   std::shared_ptr<CredentialsCache> credentials_cache_;  // when options_.credentials is unset
   std::array<std::mutex, 64> alias_locks_;
+  StatusMissCache miss_cache_;  // StatusNeedsRecovery: the rules' answer per name and snapshot
 
   // Pulls of each mirror record name that containerd is still running. Several pulls of one
   // image (kubelet with serializeImagePulls off, or several pods) go to containerd at once;

@@ -1096,6 +1096,16 @@ TEST_F(PullServiceTest, StatusNeedsRecoveryAsksTheIndexWhenItKnows) {
   EXPECT_FALSE(s.StatusNeedsRecovery(CriVersion::kV1, StatusRequest("nginx"), Miss()));
   index.answer = true;
   EXPECT_TRUE(s.StatusNeedsRecovery(CriVersion::kV1, StatusRequest("nginx"), Miss()));
+  // The copies' names are remembered per config snapshot (miss_cache.h): a reload that moves the
+  // image to another mirror is asked about at once.
+  SetConfig("rules:\n  - match: docker.io\n    mirrors: [m9.example]\n");
+  index.asked.clear();
+  EXPECT_TRUE(s.StatusNeedsRecovery(CriVersion::kV1, StatusRequest("nginx"), Miss()));
+  EXPECT_EQ(index.asked, std::vector<std::string>{"m9.example/library/nginx:latest"});
+  SetConfig("rules:\n  - match: quay.io\n    mirrors: [q2.example]\n");
+  index.asked.clear();
+  EXPECT_FALSE(s.StatusNeedsRecovery(CriVersion::kV1, StatusRequest("nginx"), Miss()));
+  EXPECT_TRUE(index.asked.empty());  // no rule rewrites it now: the index is not asked
 }
 
 TEST_F(PullServiceTest, RecoverStatusAliasesAMirrorCopy) {
