@@ -10,18 +10,19 @@
 #include <utility>
 #include <vector>
 
+#include "base/string_util.h"
+#include "containerd/grpc_status.h"
 #include "pull/attempt_error.h"
 #include "rules/config_store.h"
-#include "containerd/grpc_status.h"
 #include "rules/policy.h"
 #include "rules/reference.h"
-#include "base/string_util.h"
 
 namespace registry_proxy {
 namespace {
 
 using std::chrono::milliseconds;
 using SteadyClock = std::chrono::steady_clock;
+using SysClock = std::chrono::system_clock;
 
 std::string Outcome(const RpcStatus& s) {
   if (s.ok()) return "OK";
@@ -107,6 +108,25 @@ struct PullLog {
   std::string ns;  // "-" when the request had none
   std::string rule;
 };
+
+// Why a health verdict skips the mirror, for the log, the observer and the caller's message.
+std::pair<SkipReason, std::string> SkipOf(const HealthVerdict& hv) {
+  switch (hv.action) {
+    case HealthVerdict::Action::kCooldown:
+      return {SkipReason::kCooldown, "circuit breaker open (" +
+                                         std::to_string(hv.cooldown_left.count()) +
+                                         "ms of cooldown left)"};
+    case HealthVerdict::Action::kSlow:
+      return {SkipReason::kSlow, "slow: probe " + hv.target + " has not answered in " +
+                                     std::to_string(hv.waited.count()) + "ms and mirror " +
+                                     hv.alive_instead +
+                                     " is alive (for this pull only; the probe goes on)"};
+    case HealthVerdict::Action::kNoTime:
+      return {SkipReason::kNoTime, "the deadline passed while probing it"};
+    default:  // kDead (kTry and kCancelled skip nothing)
+      return {SkipReason::kProbeFailed, "probe " + hv.target + " failed: " + hv.probe.detail};
+  }
+}
 
 }  // namespace
 
@@ -231,8 +251,7 @@ InterceptResult PullService::PullImage(CriVersion v, const std::string& request,
     r = DoPullImage(v, request, opts, &tally);
   } catch (const std::exception& e) {
     spdlog::error("pull: internal error: {}", e.what());
-    r = {RpcStatus(RpcCode::INTERNAL,
-                      std::string("registry-proxy: internal error: ") + e.what()),
+    r = {RpcStatus(RpcCode::INTERNAL, std::string("registry-proxy: internal error: ") + e.what()),
          ""};
     tally.outcome = PullOutcome::kFailed;
   } catch (...) {
@@ -253,32 +272,446 @@ InterceptResult PullService::PullImage(CriVersion v, const std::string& request,
   return r;
 }
 
-InterceptResult PullService::DoPullImage(CriVersion v, const std::string& request,
-                                         const CallOptions& opts, PullTally* tally) {
-  PullObserver* const obs = options_.observer;
-  // Forwards the caller's own bytes: containerd sees exactly the request kubelet sent.
-  auto forward = [&](std::string_view image, std::string_view ns, std::string_view why, bool auth) {
-    const auto start = Now();
-    InterceptResult r;
-    r.status = cri_->PullImageRaw(v, request, opts, &r.response);
-    spdlog::info("pull {}: {}; forwarded unchanged; namespace={} auth={} {}ms: {}", LogSafe(image),
-                 LogSafe(why), LogSafe(ns), auth ? "yes" : "no", Ms(Now() - start),
-                 Outcome(r.status));
-    if (obs) obs->OnAttempt("", "upstream", r.status.error_code(), Now() - start);
-    tally->attempts = 1;
-    tally->outcome = PullOutcome::kPassthrough;
-    if (!r.status.ok()) r.response.clear();
-    return r;
+// One rewritten PullImage call walking its plan: the Decision's candidates in order (mirrors as
+// the rule lists them, then upstream). Each candidate gets one turn (TryMirror, TryUpstream)
+// that either answers the call or records why the candidate failed or was skipped. Whether a
+// mirror is skipped is decided at its turn, not ahead: its credentials and its probe matter only
+// if every earlier candidate failed, and a probe spends the pull's deadline.
+class PullService::PullRun {
+ public:
+  // The call as the caller made it.
+  struct Call {
+    CriVersion v;
+    const std::string& request;  // the caller's bytes
+    const CallOptions& opts;
+    PullTally* tally;
   };
 
+  // Forwards the caller's own bytes: containerd sees exactly the request kubelet sent.
+  static InterceptResult Forward(PullService* s, const Call& call, std::string_view image,
+                                 std::string_view ns, std::string_view why, bool auth);
+
+  // `config` and `d` (which points into it) must outlive the run.
+  PullRun(PullService* s, const Call& call, const runtime::v1::PullImageRequest& req,
+          const Config& config, const Decision& d, std::string_view ns, bool auth);
+
+  InterceptResult Run();
+
+ private:
+  // One candidate's turn.
+  struct Turn {
+    size_t i;  // its index in the plan
+    const Candidate& c;
+    std::string_view target;  // the mirror host, or "upstream"
+    SteadyClock::time_point start;
+    CallOptions opts;  // the attempt's deadline
+  };
+  enum class Gate { kTry, kSkip, kCancelled };
+
+  bool OutOfTime() const;
+  void GiveUp(size_t i);
+  Turn StartTurn(size_t i) const;
+  std::optional<InterceptResult> TryUpstream(const Turn& t);
+  std::optional<InterceptResult> TryMirror(const Turn& t);
+  std::string AddMirrorCredentials(const Candidate& c, runtime::v1::PullImageRequest* mreq,
+                                   bool* with_auth) const;
+  Gate CheckHealth(const Turn& t);
+  RpcStatus PullFromMirror(const Turn& t, const runtime::v1::PullImageRequest& mreq,
+                           runtime::v1::PullImageResponse* resp);
+  InterceptResult Served(const Turn& t, const runtime::v1::PullImageResponse& resp);
+  InterceptResult Unserved();
+  InterceptResult CallerCancelled();
+
+  // What happened, for the logs, the observer and the caller's message.
+  bool OwnDeadlineHit(const Turn& t, const RpcStatus& s) const;
+  void LogAttempt(const Turn& t, const RpcStatus& s, bool with_auth) const;
+  void CountAttempt(const Turn& t, const RpcStatus& s);
+  void RecordNoCredentials(const Turn& t, const std::string& problem);
+  void RecordSkip(const Turn& t, SkipReason reason, const std::string& skip);
+  void ReportProbe(const std::string& host, const HealthVerdict& hv) const;
+  void ReportToBreaker(const Turn& t, const RpcStatus& s, const AttemptVerdict& verdict) const;
+  void FailedAt(std::string_view where, std::string_view why, bool down);
+
+  PullService* const s_;
+  const Call call_;
+  const runtime::v1::PullImageRequest& req_;
+  const Config& config_;
+  const Decision& d_;
+  const size_t n_;   // candidates
+  const bool auth_;  // the caller sent credentials (for the original registry)
+  const PullLog log_;
+  const HealthSettings health_;
+  PullObserver* const obs_;
+  // The whole call's deadline: the caller's, or node.pullTimeout from now when sooner.
+  SysClock::time_point overall_;
+
+  RpcStatus last_{RpcCode::UNKNOWN, "registry-proxy: no candidate was tried"};
+  bool attempted_ = false;  // whether `last_` is an attempt's error
+  bool stop_ = false;       // no further candidate is to be tried
+  // For staleIfError: whether every candidate was down (unreachable or broken), and what
+  // happened at each, briefly.
+  bool all_down_ = true;
+  std::string what_failed_;
+  // For the caller's message: what happened at each candidate, briefly ("mirror m1: down
+  // (connection refused)"); the step whose error is `last_` gets that error's whole message.
+  CandidateSteps steps_;
+};
+
+InterceptResult PullService::PullRun::Forward(PullService* s, const Call& call,
+                                              std::string_view image, std::string_view ns,
+                                              std::string_view why, bool auth) {
+  const auto start = s->Now();
+  InterceptResult r;
+  r.status = s->cri_->PullImageRaw(call.v, call.request, call.opts, &r.response);
+  spdlog::info("pull {}: {}; forwarded unchanged; namespace={} auth={} {}ms: {}", LogSafe(image),
+               LogSafe(why), LogSafe(ns), auth ? "yes" : "no", Ms(s->Now() - start),
+               Outcome(r.status));
+  if (PullObserver* obs = s->options_.observer) {
+    obs->OnAttempt("", "upstream", r.status.error_code(), s->Now() - start);
+  }
+  call.tally->attempts = 1;
+  call.tally->outcome = PullOutcome::kPassthrough;
+  if (!r.status.ok()) r.response.clear();
+  return r;
+}
+
+PullService::PullRun::PullRun(PullService* s, const Call& call,
+                              const runtime::v1::PullImageRequest& req, const Config& config,
+                              const Decision& d, std::string_view ns, bool auth)
+    : s_(s),
+      call_(call),
+      req_(req),
+      config_(config),
+      d_(d),
+      n_(d.candidates.size()),
+      auth_(auth),
+      log_{LogSafe(req.image().image()), LogSafe(ns), d.rule ? d.rule->origin : "-"},
+      health_{config.node.mirror_probe, config.node.mirror_probe_timeout,
+              config.node.mirror_cooldown, config.node.containerd_hosts_dir,
+              config.node.mirror_hedge_delay},
+      obs_(s->options_.observer),
+      overall_(call.opts.deadline) {
+  call_.tally->rule = d.rule ? d.rule->match : "";
+  if (config.node.pull_timeout.count() > 0) {
+    overall_ = std::min(overall_, SysClock::now() + config.node.pull_timeout);
+  }
+}
+
+InterceptResult PullService::PullRun::Run() {
+  for (size_t i = 0; i < n_; ++i) {
+    if (Cancelled(call_.opts)) return CallerCancelled();
+    if (i > 0 && OutOfTime()) {
+      GiveUp(i);
+      break;
+    }
+    const Turn t = StartTurn(i);
+    std::optional<InterceptResult> answer = t.c.upstream ? TryUpstream(t) : TryMirror(t);
+    if (answer) return *std::move(answer);
+    if (stop_) break;
+  }
+  return Unserved();
+}
+
+bool PullService::PullRun::OutOfTime() const {
+  return overall_ != SysClock::time_point::max() && SysClock::now() >= overall_;
+}
+
+// Every further attempt would fail at once with DEADLINE_EXCEEDED: the rest are not tried.
+void PullService::PullRun::GiveUp(size_t i) {
+  for (size_t j = i; j < n_; ++j) {
+    if (d_.candidates[j].upstream) continue;
+    if (obs_) obs_->OnMirrorSkipped(d_.candidates[j].mirror->host, SkipReason::kNoTime);
+  }
+  spdlog::warn("pull {}: {} deadline passed; {} candidate(s) not tried", log_.image,
+               call_.opts.deadline <= overall_ ? "the caller's" : "node.pullTimeout's", n_ - i);
+  all_down_ = false;
+}
+
+PullService::PullRun::Turn PullService::PullRun::StartTurn(size_t i) const {
+  const Candidate& c = d_.candidates[i];
+  Turn t{i, c, c.upstream ? std::string_view("upstream") : c.mirror->host, s_->Now(), call_.opts};
+  // This attempt's deadline: the call's, or node.pullAttemptTimeout from now when sooner.
+  t.opts.deadline = overall_;
+  if (config_.node.pull_attempt_timeout.count() > 0) {
+    t.opts.deadline =
+        std::min(t.opts.deadline, SysClock::now() + config_.node.pull_attempt_timeout);
+  }
+  return t;
+}
+
+// The upstream candidate is the caller's image unchanged, with the caller's credentials if any:
+// forward the caller's bytes.
+std::optional<InterceptResult> PullService::PullRun::TryUpstream(const Turn& t) {
+  InterceptResult r;
+  r.status = s_->cri_->PullImageRaw(call_.v, call_.request, t.opts, &r.response);
+  LogAttempt(t, r.status, auth_);
+  CountAttempt(t, r.status);
+  if (r.status.ok()) {
+    call_.tally->outcome = PullOutcome::kFallback;  // every mirror failed or was skipped
+    return r;
+  }
+  const AttemptVerdict verdict =
+      ClassifyAttempt(r.status, OwnDeadlineHit(t, r.status), Cancelled(call_.opts));
+  FailedAt("upstream", Outcome(r.status), verdict.cls == AttemptClass::kMirrorDown);
+  last_ = r.status;
+  if (Cancelled(call_.opts)) return CallerCancelled();
+  steps_.Add("upstream " + d_.original->domain, DescribeAttempt(verdict), true);
+  return std::nullopt;
+}
+
+// A mirror: the caller's request (unknown fields included), another image, no auth but the
+// mirror's own.
+std::optional<InterceptResult> PullService::PullRun::TryMirror(const Turn& t) {
+  runtime::v1::PullImageRequest mreq = req_;
+  mreq.mutable_image()->set_image(t.c.image);
+  mreq.clear_auth();
+  bool with_auth = false;
+  if (std::string problem = AddMirrorCredentials(t.c, &mreq, &with_auth); !problem.empty()) {
+    RecordNoCredentials(t, problem);
+    return std::nullopt;
+  }
+  switch (CheckHealth(t)) {
+    case Gate::kTry:
+      break;
+    case Gate::kSkip:
+      return std::nullopt;
+    case Gate::kCancelled:
+      return CallerCancelled();
+  }
+  runtime::v1::PullImageResponse resp;
+  const RpcStatus s = PullFromMirror(t, mreq, &resp);
+  LogAttempt(t, s, with_auth);
+  CountAttempt(t, s);
+  const AttemptVerdict verdict = ClassifyAttempt(s, OwnDeadlineHit(t, s), Cancelled(call_.opts));
+  ReportToBreaker(t, s, verdict);
+  if (s.ok()) return Served(t, resp);
+  last_ = s;
+  if (Cancelled(call_.opts)) return CallerCancelled();
+  FailedAt(t.c.mirror->host, Outcome(s), verdict.cls == AttemptClass::kMirrorDown);
+  steps_.Add("mirror " + t.c.mirror->host, DescribeAttempt(verdict), true);
+  if (verdict.cls == AttemptClass::kContainerdFailed) {
+    // No other candidate can do better, and none is to blame: stop here.
+    spdlog::warn("pull {}: containerd itself failed ({}); no further candidate tried", log_.image,
+                 verdict.detail);
+    stop_ = true;
+  }
+  return std::nullopt;
+}
+
+// Puts the mirror's own credentials (node.credentialsFile) into `mreq`. Returns "" when it
+// needs none or they were found; else why they cannot be had.
+std::string PullService::PullRun::AddMirrorCredentials(const Candidate& c,
+                                                       runtime::v1::PullImageRequest* mreq,
+                                                       bool* with_auth) const {
+  if (c.mirror->credentials.empty()) return "";
+  const std::string& name = c.mirror->credentials;
+  const std::string& path = config_.node.credentials_file;
+  if (path.empty()) return "node.credentialsFile is not set";
+  auto creds = s_->options_.credentials(path);
+  if (!creds.ok()) return "the credentials file cannot be used: " + creds.error();
+  const RegistryAuth* a = (*creds)->Find(name);
+  if (a == nullptr) return "the credentials file " + path + " has no entry '" + name + "'";
+  runtime::v1::AuthConfig* out = mreq->mutable_auth();
+  out->set_username(a->username);
+  out->set_password(a->password);
+  out->set_auth(a->auth);
+  out->set_identity_token(a->identity_token);
+  *with_auth = true;
+  return "";
+}
+
+// Is the mirror worth handing to containerd? (Cheap unless a probe is due.)
+PullService::PullRun::Gate PullService::PullRun::CheckHealth(const Turn& t) {
+  if (!s_->options_.health) return Gate::kTry;
+  std::vector<std::string> later;  // for hedging: the mirrors after this one, in order
+  for (size_t j = t.i + 1; j < n_; ++j) {
+    if (!d_.candidates[j].upstream) later.push_back(d_.candidates[j].mirror->domain);
+  }
+  const HealthVerdict hv = s_->options_.health->Check(t.c.mirror->domain, later, health_, t.opts);
+  if (hv.ran_probe) ReportProbe(t.c.mirror->host, hv);
+  if (hv.action == HealthVerdict::Action::kTry) return Gate::kTry;
+  if (hv.action == HealthVerdict::Action::kCancelled) return Gate::kCancelled;
+  const auto [reason, skip] = SkipOf(hv);
+  RecordSkip(t, reason, skip);
+  return Gate::kSkip;
+}
+
+// Counts the mirror name as in containerd while containerd pulls it (see MirrorPullScope).
+RpcStatus PullService::PullRun::PullFromMirror(const Turn& t,
+                                               const runtime::v1::PullImageRequest& mreq,
+                                               runtime::v1::PullImageResponse* resp) {
+  auto mref = ParseNamedReference(t.c.image);
+  std::optional<MirrorPullScope> in_containerd;
+  if (mref.ok()) in_containerd.emplace(s_, mref->NormalizedString());
+  return s_->cri_->PullImage(call_.v, mreq, t.opts, resp);
+}
+
+// A mirror served it. If aliasing fails, the pull still succeeds: the image IS on the node
+// (under the mirror name) and image_ref (its id) is what kubelet creates the container from.
+// Failing would make kubelet retry the whole pull with back-off and leave the pod waiting
+// although its image is here; the next ImageStatus(original) miss is repaired by
+// RecoverStatus, which retries the aliasing.
+InterceptResult PullService::PullRun::Served(const Turn& t,
+                                             const runtime::v1::PullImageResponse& resp) {
+  call_.tally->outcome = PullOutcome::kMirror;
+  call_.tally->mirror = t.c.mirror->host;
+  const std::string& image = req_.image().image();
+  const std::string& image_ref = resp.image_ref();
+  const auto alias_start = s_->Now();
+  const AliasResult aliased = s_->Alias(config_, *d_.original, t.c.image);
+  if (aliased == AliasResult::kFailed) {
+    spdlog::error(
+        "pull {}: served by mirror {} as {}, but naming it {} failed (see above); the image "
+        "is on the node under the mirror name only",
+        image, t.c.image, image_ref, d_.original->NormalizedString());
+  } else if (aliased == AliasResult::kWritten) {
+    runtime::v1::ImageStatusRequest sreq;
+    sreq.mutable_image()->set_image(image);
+    runtime::v1::ImageStatusResponse sresp;
+    const auto wait = s_->options_.alias_wait.count();
+    if (s_->WaitForStatus(call_.v, sreq, image_ref, call_.opts, &sresp)) {
+      spdlog::debug("pull {}: aliased and visible after {}ms", image, Ms(s_->Now() - alias_start));
+    } else if (sresp.has_image()) {
+      spdlog::warn(
+          "pull {}: aliased, but after {}ms CRI still shows image {} under the original name, "
+          "not the pulled {}; answering anyway",
+          image, wait, sresp.image().id(), image_ref);
+    } else {
+      spdlog::warn(
+          "pull {}: aliased, but CRI did not show it within {}ms; answering anyway (image {})",
+          image, wait, image_ref);
+    }
+  }
+  return {RpcStatus::OK, resp.SerializeAsString()};
+}
+
+// Nothing served it: staleIfError's copy on the node if every candidate was down, else the last
+// failure's code with its message whole, after what happened at the other candidates.
+InterceptResult PullService::PullRun::Unserved() {
+  if (d_.stale_if_error && all_down_ && !auth_ && !Cancelled(call_.opts)) {
+    if (auto stale = s_->ServeStale(call_.v, req_.image().image(), what_failed_, call_.opts)) {
+      call_.tally->outcome = PullOutcome::kStale;
+      return *stale;
+    }
+  }
+  call_.tally->outcome = PullOutcome::kFailed;
+  return {
+      RpcStatus(last_.error_code(), steps_.Message(last_.error_message()), last_.error_details()),
+      ""};
+}
+
+InterceptResult PullService::PullRun::CallerCancelled() {
+  call_.tally->outcome = PullOutcome::kCancelled;
+  return InterceptResult{CancelledStatus(), ""};
+}
+
+// Whether a DEADLINE_EXCEEDED came from our own attempt deadline, not the caller's.
+bool PullService::PullRun::OwnDeadlineHit(const Turn& t, const RpcStatus& s) const {
+  return s.error_code() == RpcCode::DEADLINE_EXCEEDED && t.opts.deadline < call_.opts.deadline &&
+         SysClock::now() >= t.opts.deadline;
+}
+
+void PullService::PullRun::LogAttempt(const Turn& t, const RpcStatus& s, bool with_auth) const {
+  const NodeSettings& node = config_.node;
+  std::string note;
+  if (OwnDeadlineHit(t, s)) {
+    note = t.opts.deadline < overall_ || overall_ == call_.opts.deadline
+               ? " (node.pullAttemptTimeout " + std::to_string(node.pull_attempt_timeout.count()) +
+                     "ms hit)"
+               : " (node.pullTimeout " + std::to_string(node.pull_timeout.count()) + "ms hit)";
+  }
+  spdlog::log(s.ok() ? spdlog::level::info : spdlog::level::warn,
+              "pull {}: attempt {}/{} {} ({}) namespace={} rule={} auth={} {}ms: {}{}", log_.image,
+              t.i + 1, n_, t.c.image, t.c.upstream ? "upstream" : "mirror", log_.ns, log_.rule,
+              with_auth ? "yes" : "no", Ms(s_->Now() - t.start), Outcome(s), note);
+}
+
+void PullService::PullRun::CountAttempt(const Turn& t, const RpcStatus& s) {
+  ++call_.tally->attempts;
+  attempted_ = true;
+  if (obs_) obs_->OnAttempt(call_.tally->rule, t.target, s.error_code(), s_->Now() - t.start);
+}
+
+// Pulling anonymously would only earn a 401 and a misleading error; say why instead.
+void PullService::PullRun::RecordNoCredentials(const Turn& t, const std::string& problem) {
+  const std::string& host = t.c.mirror->host;
+  last_ = RpcStatus(RpcCode::FAILED_PRECONDITION, "registry-proxy: mirror " + host +
+                                                      " needs credentials '" +
+                                                      t.c.mirror->credentials + "': " + problem);
+  attempted_ = true;
+  LogAttempt(t, last_, false);
+  FailedAt(host, "needs credentials", false);
+  steps_.Add("mirror " + host, "needs credentials", true);
+}
+
+void PullService::PullRun::RecordSkip(const Turn& t, SkipReason reason, const std::string& skip) {
+  const std::string& host = t.c.mirror->host;
+  spdlog::warn("pull {}: attempt {}/{} {} (mirror) namespace={} rule={}: skipped: {}", log_.image,
+               t.i + 1, n_, t.c.image, log_.ns, log_.rule, skip);
+  if (obs_) obs_->OnMirrorSkipped(host, reason);
+  FailedAt(host, "skipped: " + skip, reason != SkipReason::kNoTime);
+  // Out of time: what containerd answers a pull whose deadline passed (critest checks it).
+  const bool no_time = reason == SkipReason::kNoTime;
+  if (!attempted_ || no_time) {
+    last_ = RpcStatus(no_time ? RpcCode::DEADLINE_EXCEEDED : RpcCode::UNAVAILABLE,
+                      "registry-proxy: mirror " + host + " skipped: " + skip);
+  }
+  steps_.Add("mirror " + host, "skipped (" + skip + ")", !attempted_ || no_time, true);
+}
+
+void PullService::PullRun::ReportProbe(const std::string& host, const HealthVerdict& hv) const {
+  spdlog::log(hv.probe.alive ? spdlog::level::info : spdlog::level::warn,
+              "mirror {}: probe {} {} in {}ms: {}", host, hv.target,
+              hv.probe.alive ? "alive" : "DEAD", Ms(hv.probe_duration), hv.probe.detail);
+  if (obs_) obs_->OnProbe(host, hv.probe.alive, hv.probe_duration);
+  if (hv.breaker_opened) {
+    spdlog::warn("mirror {}: circuit breaker open for {}ms: probe failed", host,
+                 health_.cooldown.count());
+    if (obs_) obs_->OnBreaker(host, true);
+  }
+  if (hv.breaker_closed) {
+    spdlog::info("mirror {}: circuit breaker closed: probe alive", host);
+    if (obs_) obs_->OnBreaker(host, false);
+  }
+}
+
+// Tells the mirror's breaker how the attempt went. containerd's own failure, or a caller gone:
+// nothing to say about the mirror.
+void PullService::PullRun::ReportToBreaker(const Turn& t, const RpcStatus& s,
+                                           const AttemptVerdict& verdict) const {
+  if (!s_->options_.health || (Cancelled(call_.opts) && !s.ok()) ||
+      verdict.cls == AttemptClass::kContainerdFailed) {
+    return;
+  }
+  const std::string& host = t.c.mirror->host;
+  const bool down = verdict.cls == AttemptClass::kMirrorDown;
+  const int change = s_->options_.health->Report(t.c.mirror->domain, s.ok(), down, health_);
+  if (change > 0) {
+    spdlog::warn("mirror {}: circuit breaker open for {}ms: {}", host, health_.cooldown.count(),
+                 Outcome(s));
+  } else if (change < 0) {
+    spdlog::info("mirror {}: circuit breaker closed: it served {}", host, t.c.image);
+  }
+  if (change != 0 && obs_) obs_->OnBreaker(host, change > 0);
+}
+
+void PullService::PullRun::FailedAt(std::string_view where, std::string_view why, bool down) {
+  all_down_ = all_down_ && down;
+  what_failed_ += StrCat({what_failed_.empty() ? "" : "; ", where, ": ", why});
+}
+
+InterceptResult PullService::DoPullImage(CriVersion v, const std::string& request,
+                                         const CallOptions& opts, PullTally* tally) {
+  const PullRun::Call call{v, request, opts, tally};
   // A request that does not parse as our (subset) PullImageRequest goes to containerd as it
   // came, rather than answered by us: containerd's Go decoder may accept what ours rejects
   // (protobuf C++ refuses invalid UTF-8 in proto3 strings; gogo-generated CRI code does not
   // check), and where it rejects it too, its error is the one the node gives without us.
   runtime::v1::PullImageRequest req;
   if (!req.ParseFromString(request)) {
-    return forward("(unparsed)", "-",
-                   "request (" + std::to_string(request.size()) + " bytes) does not parse", false);
+    return PullRun::Forward(this, call, "(unparsed)", "-",
+                            "request (" + std::to_string(request.size()) + " bytes) does not parse",
+                            false);
   }
   const std::string& image = req.image().image();
 
@@ -301,297 +734,11 @@ InterceptResult PullService::DoPullImage(CriVersion v, const std::string& reques
   ctx.with_credentials = auth;
   const Decision d = config->policy->Decide(image, ctx);
   if (!d.rewritten()) {
-    return forward(image, ns,
-                   "not rewritten (" + std::string(ReasonName(d.reason)) + ": " + d.detail + ")",
-                   auth);
+    return PullRun::Forward(
+        this, call, image, ns,
+        "not rewritten (" + std::string(ReasonName(d.reason)) + ": " + d.detail + ")", auth);
   }
-
-  const PullLog log{LogSafe(image), LogSafe(ns), d.rule ? d.rule->origin : "-"};
-  tally->rule = d.rule ? d.rule->match : "";
-  const NodeSettings& node = config->node;
-  const HealthSettings health{node.mirror_probe, node.mirror_probe_timeout, node.mirror_cooldown,
-                              node.containerd_hosts_dir, node.mirror_hedge_delay};
-  // The whole call's deadline: the caller's, or node.pullTimeout from now when sooner.
-  using SysClock = std::chrono::system_clock;
-  const SysClock::time_point none = SysClock::time_point::max();
-  SysClock::time_point overall = opts.deadline;
-  if (node.pull_timeout.count() > 0)
-    overall = std::min(overall, SysClock::now() + node.pull_timeout);
-  auto cancelled = [&] {
-    tally->outcome = PullOutcome::kCancelled;
-    return InterceptResult{CancelledStatus(), ""};
-  };
-
-  const size_t n = d.candidates.size();
-  RpcStatus last(RpcCode::UNKNOWN, "registry-proxy: no candidate was tried");
-  bool attempted = false;  // whether `last` is an attempt's error
-  // For staleIfError: whether every candidate was down (unreachable or broken), and what
-  // happened at each, briefly.
-  bool all_down = true;
-  std::string what_failed;
-  auto failed_at = [&](std::string_view where, std::string_view why, bool down) {
-    all_down = all_down && down;
-    what_failed += StrCat({what_failed.empty() ? "" : "; ", where, ": ", why});
-  };
-  // For the caller's message: what happened at each candidate, briefly ("mirror m1: down
-  // (connection refused)"); the step whose error is `last` gets that error's whole message.
-  CandidateSteps steps;
-  for (size_t i = 0; i < n; ++i) {
-    const Candidate& c = d.candidates[i];
-    if (Cancelled(opts)) return cancelled();
-    if (overall != none && SysClock::now() >= overall && i > 0) {
-      // Every further attempt would fail at once with DEADLINE_EXCEEDED.
-      for (size_t j = i; j < n; ++j) {
-        if (d.candidates[j].upstream) continue;
-        if (obs) obs->OnMirrorSkipped(d.candidates[j].mirror->host, SkipReason::kNoTime);
-      }
-      spdlog::warn("pull {}: {} deadline passed; {} candidate(s) not tried", log.image,
-                   opts.deadline <= overall ? "the caller's" : "node.pullTimeout's", n - i);
-      all_down = false;
-      break;
-    }
-    const auto start = Now();
-    // This attempt's deadline: the call's, or node.pullAttemptTimeout from now when sooner.
-    CallOptions aopts = opts;
-    aopts.deadline = overall;
-    if (node.pull_attempt_timeout.count() > 0) {
-      aopts.deadline = std::min(aopts.deadline, SysClock::now() + node.pull_attempt_timeout);
-    }
-    // Whether a DEADLINE_EXCEEDED came from our own attempt deadline, not the caller's.
-    auto own_deadline_hit = [&](const RpcStatus& s) {
-      return s.error_code() == RpcCode::DEADLINE_EXCEEDED &&
-             aopts.deadline < opts.deadline && SysClock::now() >= aopts.deadline;
-    };
-    const std::string_view target = c.upstream ? std::string_view("upstream") : c.mirror->host;
-    auto log_attempt = [&](const RpcStatus& s, bool with_auth) {
-      auto level = s.ok() ? spdlog::level::info : spdlog::level::warn;
-      std::string note;
-      if (own_deadline_hit(s)) {
-        note = aopts.deadline < overall || overall == opts.deadline
-                   ? " (node.pullAttemptTimeout " +
-                         std::to_string(node.pull_attempt_timeout.count()) + "ms hit)"
-                   : " (node.pullTimeout " + std::to_string(node.pull_timeout.count()) + "ms hit)";
-      }
-      spdlog::log(level, "pull {}: attempt {}/{} {} ({}) namespace={} rule={} auth={} {}ms: {}{}",
-                  log.image, i + 1, n, c.image, c.upstream ? "upstream" : "mirror", log.ns,
-                  log.rule, with_auth ? "yes" : "no", Ms(Now() - start), Outcome(s), note);
-    };
-    auto count_attempt = [&](const RpcStatus& s) {
-      ++tally->attempts;
-      attempted = true;
-      if (obs) obs->OnAttempt(tally->rule, target, s.error_code(), Now() - start);
-    };
-
-    if (c.upstream) {
-      // The upstream candidate is the caller's image unchanged, with the caller's credentials
-      // if any: forward the caller's bytes.
-      InterceptResult r;
-      r.status = cri_->PullImageRaw(v, request, aopts, &r.response);
-      log_attempt(r.status, auth);
-      count_attempt(r.status);
-      if (r.status.ok()) {
-        tally->outcome = PullOutcome::kFallback;  // every mirror failed or was skipped
-        return r;
-      }
-      const AttemptVerdict verdict =
-          ClassifyAttempt(r.status, own_deadline_hit(r.status), Cancelled(opts));
-      failed_at("upstream", Outcome(r.status), verdict.cls == AttemptClass::kMirrorDown);
-      last = r.status;
-      if (Cancelled(opts)) return cancelled();
-      steps.Add("upstream " + d.original->domain, DescribeAttempt(verdict), true);
-      continue;
-    }
-
-    // A mirror: the caller's request (unknown fields included), another image, no auth but
-    // the mirror's own.
-    runtime::v1::PullImageRequest mreq = req;
-    mreq.mutable_image()->set_image(c.image);
-    mreq.clear_auth();
-    bool with_auth = false;
-    if (!c.mirror->credentials.empty()) {
-      const std::string& name = c.mirror->credentials;
-      const std::string& path = config->node.credentials_file;
-      std::string problem;
-      if (path.empty()) {
-        problem = "node.credentialsFile is not set";
-      } else if (auto creds = options_.credentials(path); !creds.ok()) {
-        problem = "the credentials file cannot be used: " + creds.error();
-      } else if (const RegistryAuth* a = (*creds)->Find(name); a == nullptr) {
-        problem = "the credentials file " + path + " has no entry '" + name + "'";
-      } else {
-        runtime::v1::AuthConfig* out = mreq.mutable_auth();
-        out->set_username(a->username);
-        out->set_password(a->password);
-        out->set_auth(a->auth);
-        out->set_identity_token(a->identity_token);
-        with_auth = true;
-      }
-      if (!problem.empty()) {
-        // Pulling anonymously would only earn a 401 and a misleading error; say why instead.
-        last = RpcStatus(RpcCode::FAILED_PRECONDITION,
-                            "registry-proxy: mirror " + c.mirror->host + " needs credentials '" +
-                                name + "': " + problem);
-        attempted = true;
-        log_attempt(last, false);
-        failed_at(c.mirror->host, "needs credentials", false);
-        steps.Add("mirror " + c.mirror->host, "needs credentials", true);
-        continue;
-      }
-    }
-
-    // Is the mirror worth handing to containerd? (Cheap unless a probe is due.)
-    if (options_.health) {
-      const std::string& key = c.mirror->domain;
-      std::vector<std::string> later;  // for hedging: the mirrors after this one, in order
-      for (size_t j = i + 1; j < n; ++j) {
-        if (!d.candidates[j].upstream) later.push_back(d.candidates[j].mirror->domain);
-      }
-      HealthVerdict hv = options_.health->Check(key, later, health, aopts);
-      if (hv.ran_probe) {
-        spdlog::log(hv.probe.alive ? spdlog::level::info : spdlog::level::warn,
-                    "mirror {}: probe {} {} in {}ms: {}", c.mirror->host, hv.target,
-                    hv.probe.alive ? "alive" : "DEAD", Ms(hv.probe_duration), hv.probe.detail);
-        if (obs) obs->OnProbe(c.mirror->host, hv.probe.alive, hv.probe_duration);
-        if (hv.breaker_opened) {
-          spdlog::warn("mirror {}: circuit breaker open for {}ms: probe failed", c.mirror->host,
-                       health.cooldown.count());
-          if (obs) obs->OnBreaker(c.mirror->host, true);
-        }
-        if (hv.breaker_closed) {
-          spdlog::info("mirror {}: circuit breaker closed: probe alive", c.mirror->host);
-          if (obs) obs->OnBreaker(c.mirror->host, false);
-        }
-      }
-      std::string skip;
-      SkipReason reason = SkipReason::kProbeFailed;
-      switch (hv.action) {
-        case HealthVerdict::Action::kTry:
-          break;
-        case HealthVerdict::Action::kCancelled:
-          return cancelled();
-        case HealthVerdict::Action::kCooldown:
-          reason = SkipReason::kCooldown;
-          skip = "circuit breaker open (" + std::to_string(hv.cooldown_left.count()) +
-                 "ms of cooldown left)";
-          break;
-        case HealthVerdict::Action::kDead:
-          reason = SkipReason::kProbeFailed;
-          skip = "probe " + hv.target + " failed: " + hv.probe.detail;
-          break;
-        case HealthVerdict::Action::kSlow:
-          reason = SkipReason::kSlow;
-          skip = "slow: probe " + hv.target + " has not answered in " +
-                 std::to_string(hv.waited.count()) + "ms and mirror " + hv.alive_instead +
-                 " is alive (for this pull only; the probe goes on)";
-          break;
-        case HealthVerdict::Action::kNoTime:
-          reason = SkipReason::kNoTime;
-          skip = "the deadline passed while probing it";
-          break;
-      }
-      if (!skip.empty()) {
-        spdlog::warn("pull {}: attempt {}/{} {} (mirror) namespace={} rule={}: skipped: {}",
-                     log.image, i + 1, n, c.image, log.ns, log.rule, skip);
-        if (obs) obs->OnMirrorSkipped(c.mirror->host, reason);
-        failed_at(c.mirror->host, "skipped: " + skip, reason != SkipReason::kNoTime);
-        // Out of time: what containerd answers a pull whose deadline passed (critest checks it).
-        const bool no_time = reason == SkipReason::kNoTime;
-        if (!attempted || no_time) {
-          last = RpcStatus(
-              no_time ? RpcCode::DEADLINE_EXCEEDED : RpcCode::UNAVAILABLE,
-              "registry-proxy: mirror " + c.mirror->host + " skipped: " + skip);
-        }
-        steps.Add("mirror " + c.mirror->host, "skipped (" + skip + ")", !attempted || no_time,
-                  true);
-        continue;
-      }
-    }
-
-    runtime::v1::PullImageResponse resp;
-    RpcStatus s;
-    {
-      auto mref = ParseNamedReference(c.image);
-      std::optional<MirrorPullScope> in_containerd;
-      if (mref.ok()) in_containerd.emplace(this, mref->NormalizedString());
-      s = cri_->PullImage(v, mreq, aopts, &resp);
-    }
-    log_attempt(s, with_auth);
-    count_attempt(s);
-    const AttemptVerdict verdict = ClassifyAttempt(s, own_deadline_hit(s), Cancelled(opts));
-    // containerd's own failure, or a caller gone: nothing to say about the mirror.
-    if (options_.health && !(Cancelled(opts) && !s.ok()) &&
-        verdict.cls != AttemptClass::kContainerdFailed) {
-      const bool down = verdict.cls == AttemptClass::kMirrorDown;
-      const int change = options_.health->Report(c.mirror->domain, s.ok(), down, health);
-      if (change > 0) {
-        spdlog::warn("mirror {}: circuit breaker open for {}ms: {}", c.mirror->host,
-                     health.cooldown.count(), Outcome(s));
-      } else if (change < 0) {
-        spdlog::info("mirror {}: circuit breaker closed: it served {}", c.mirror->host, c.image);
-      }
-      if (change != 0 && obs) obs->OnBreaker(c.mirror->host, change > 0);
-    }
-    if (!s.ok()) {
-      last = s;
-      if (Cancelled(opts)) return cancelled();
-      failed_at(c.mirror->host, Outcome(s), verdict.cls == AttemptClass::kMirrorDown);
-      steps.Add("mirror " + c.mirror->host, DescribeAttempt(verdict), true);
-      if (verdict.cls == AttemptClass::kContainerdFailed) {
-        // No other candidate can do better, and none is to blame: stop here.
-        spdlog::warn("pull {}: containerd itself failed ({}); no further candidate tried",
-                     log.image, verdict.detail);
-        break;
-      }
-      continue;
-    }
-    tally->outcome = PullOutcome::kMirror;
-    tally->mirror = c.mirror->host;
-
-    // A mirror served it. If aliasing fails, the pull still succeeds: the image IS on the
-    // node (under the mirror name) and image_ref (its id) is what kubelet creates the
-    // container from. Failing would make kubelet retry the whole pull with back-off and leave
-    // the pod waiting although its image is here; the next ImageStatus(original) miss is
-    // repaired by RecoverStatus, which retries the aliasing.
-    const std::string& image_ref = resp.image_ref();
-    const auto alias_start = Now();
-    const AliasResult aliased = Alias(*config, *d.original, c.image);
-    if (aliased == AliasResult::kFailed) {
-      spdlog::error(
-          "pull {}: served by mirror {} as {}, but naming it {} failed (see above); the image "
-          "is on the node under the mirror name only",
-          image, c.image, image_ref, d.original->NormalizedString());
-    } else if (aliased == AliasResult::kWritten) {
-      runtime::v1::ImageStatusRequest sreq;
-      sreq.mutable_image()->set_image(image);
-      runtime::v1::ImageStatusResponse sresp;
-      if (!WaitForStatus(v, sreq, image_ref, opts, &sresp)) {
-        if (sresp.has_image()) {
-          spdlog::warn(
-              "pull {}: aliased, but after {}ms CRI still shows image {} under the original name, "
-              "not the pulled {}; answering anyway",
-              image, options_.alias_wait.count(), sresp.image().id(), image_ref);
-        } else {
-          spdlog::warn(
-              "pull {}: aliased, but CRI did not show it within {}ms; answering anyway (image {})",
-              image, options_.alias_wait.count(), image_ref);
-        }
-      } else {
-        spdlog::debug("pull {}: aliased and visible after {}ms", image, Ms(Now() - alias_start));
-      }
-    }
-    return {RpcStatus::OK, resp.SerializeAsString()};
-  }
-  if (d.stale_if_error && all_down && !auth && !Cancelled(opts)) {
-    if (auto stale = ServeStale(v, image, what_failed, opts)) {
-      tally->outcome = PullOutcome::kStale;
-      return *stale;
-    }
-  }
-  // The last failure's code; its message whole, after what happened at the other candidates.
-  tally->outcome = PullOutcome::kFailed;
-  return {
-      RpcStatus(last.error_code(), steps.Message(last.error_message()), last.error_details()),
-      ""};
+  return PullRun(this, call, req, *config, d, ns, auth).Run();
 }
 
 // staleIfError: every candidate was down; if the requested reference is on the node, answer

@@ -117,6 +117,7 @@ class PullService final : public ImageInterceptor {
   };
   InterceptResult DoPullImage(CriVersion v, const std::string& request, const CallOptions& opts,
                               PullTally* tally);
+  class PullRun;  // one rewritten PullImage call: its candidates and attempts (.cc)
   InterceptResult DoRecoverStatus(CriVersion v, const std::string& request,
                                   const std::string& response, const CallOptions& opts);
 
