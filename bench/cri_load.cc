@@ -654,7 +654,7 @@ int main(int argc, char** argv) {
   // pulled image's target (no pulls). containerd's CRI lists one image per image id, so these
   // show as repo tags of one image: the response grows with the names, ~45 bytes each.
   registry_proxy::GrpcImageRecordStore records(
-      grpc::CreateChannel(ctrd->endpoint(), grpc::InsecureChannelCredentials()), "k8s.io");
+      registry_proxy::MakeContainerdChannel(ctrd->endpoint(), 64 << 20), "k8s.io");
   registry_proxy::ImageRecord record0;
   if (registry_proxy::RpcStatus s = records.Get(mirror_ref, &record0); !s.ok() && Selected(o, "ListImages")) {
     std::cerr << "image record " << mirror_ref << ": " << registry_proxy::RpcStatusText(s) << "\n";

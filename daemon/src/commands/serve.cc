@@ -11,19 +11,17 @@
 #include <string>
 #include <vector>
 
-#include "containerd/channel_keeper.h"
 #include "base/cli_args.h"
-#include "rules/config_store.h"
-#include "containerd/grpc_status.h"
-#include "cri/h2_relay.h"
-#include "ops/logging.h"
-#include "pull/node_metrics.h"
-#include "ops/ops_server.h"
-#include "pull/pull_service.h"
 #include "base/sd_listen.h"
 #include "base/sd_notify.h"
 #include "base/signals.h"
 #include "containerd/upstream_grpc.h"
+#include "cri/h2_relay.h"
+#include "ops/logging.h"
+#include "ops/ops_server.h"
+#include "pull/node_metrics.h"
+#include "pull/pull_service.h"
+#include "rules/config_store.h"
 
 namespace registry_proxy {
 namespace {
@@ -58,14 +56,12 @@ constexpr char kDefaultConfigPath[] = "/etc/registry-proxy/config.yaml";
 
 // Every finished call, at debug level (the level check comes first: free when off), after
 // `next` (the metrics) saw it.
-// A call that failed UNAVAILABLE (containerd gone or restarting) also pokes the channel keeper.
 class LogCalls final : public CallObserver {
  public:
-  LogCalls(CallObserver* next, ChannelKeeper* keeper) : next_(next), keeper_(keeper) {}
+  explicit LogCalls(CallObserver* next) : next_(next) {}
   void OnCallDone(std::string_view method, RpcCode code,
                   std::chrono::nanoseconds duration) override {
     next_->OnCallDone(method, code, duration);
-    if (code == RpcCode::UNAVAILABLE) keeper_->Poke();
     if (!spdlog::should_log(spdlog::level::debug)) return;
     spdlog::debug("call {} code={} {:.3f} ms", method, RpcCodeName(code),
                   std::chrono::duration<double, std::milli>(duration).count());
@@ -73,7 +69,6 @@ class LogCalls final : public CallObserver {
 
  private:
   CallObserver* const next_;
-  ChannelKeeper* const keeper_;
 };
 
 // The shipped default sends tag pulls of public registries to third-party mirrors, which then
@@ -129,7 +124,6 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
   LogOptions log_options;
   if (auto e = ParseLogFlags(*args, &log_options)) return err << *e << "\n", 2;
   SetUpLogging(log_options);
-  SetUpGrpcClientProcess();
   // --engine chose between the frame relay and a retired gRPC engine; the relay is the only
   // one now. A unit that still passes the flag must keep the node pulling, so it is only noted.
   if (auto e = args->Get("--engine")) {
@@ -138,9 +132,6 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
   // A peer that goes away mid-write (a mirror during a probe, a scraper of /metrics) must cost
   // an EPIPE on that write, never the process.
   std::signal(SIGPIPE, SIG_IGN);
-  // One poller, no spurious wake-up per write (measured; see DESIGN.md). Must be set before
-  // gRPC starts; an explicit setting by the operator wins.
-  setenv("GRPC_POLL_STRATEGY", "poll", /*overwrite=*/0);
 
   // 1. Signals are blocked before any thread exists, so only the main thread sees them.
   SignalWaiter signals({SIGHUP, SIGINT, SIGTERM});
@@ -187,10 +178,11 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
   if (auto up = UnixSocketPath(popts.upstream); !up.ok()) {
     return err << "upstream: " << up.error() << "\n", 1;
   }
-  auto channel = MakeUpstreamChannel(popts.upstream, popts.max_message_bytes);
-  ChannelKeeper keeper(channel);  // reconnects after a containerd restart (channel_keeper.h)
-  GrpcCriImageBackend cri(channel);
-  GrpcImageRecordStore records(channel,
+  // Our own gRPC client (rpc_channel.h): connects on first use, and again on the first call
+  // after containerd went away (no keeper, no back-off: a unix socket connects or fails at once).
+  auto containerd = MakeContainerdChannel(popts.upstream, popts.max_message_bytes);
+  GrpcCriImageBackend cri(containerd);
+  GrpcImageRecordStore records(containerd,
                                [&store] { return store.Current()->node.containerd_namespace; }, {});
   metrics::Registry registry;  // metrics: see node_metrics.h and ops_server.h
   NodeMetrics node_metrics(&registry);
@@ -204,7 +196,7 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
   };
   MirrorHealthChecker mirror_health(std::move(health_options));
   // The image names in containerd, followed through its events (image_index.h).
-  ContainerdImageIndex image_index(channel,
+  ContainerdImageIndex image_index(containerd,
                                    [&store] { return store.Current()->node.containerd_namespace; });
   image_index.Start();
   PullServiceOptions pull_options;
@@ -214,7 +206,7 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
   PullService pulls(&store, &cri, &records, pull_options);
 
   // 4. Serve.
-  LogCalls log_calls(&node_metrics, &keeper);
+  LogCalls log_calls(&node_metrics);
   InFlightPulls counted_pulls(&pulls, &node_metrics.pulls_in_flight());
   auto proxy = std::make_unique<H2Relay>(popts, &counted_pulls, &log_calls);
   if (Status s = proxy->Start(); !s.ok()) {
@@ -231,8 +223,8 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
   AddBuildInfo(&registry);
   AddProcessMetrics(&registry);
   AddConfigMetrics(&registry, &store);
-  AddUpstreamStateMetric(&registry, channel);
-  UpstreamCheck upstream_check(channel);
+  AddUpstreamStateMetric(&registry, containerd);
+  UpstreamCheck upstream_check(containerd);
   std::atomic<bool> stopping{false};
   OpsServerOptions ops_options;
   const std::string metrics_address = args->Get("--metrics-address").value_or(node.metrics_address);
@@ -244,9 +236,7 @@ int CmdServe(const std::vector<std::string>& argv, std::ostream& out, std::ostre
       ops = StartOpsServerOrLog(ops_options, &registry, [&] {
         Readiness r = ConfigReadiness(store, stopping.load());
         if (!r.ready) return r;
-        r = upstream_check.Check();
-        if (!r.ready) keeper.Poke();
-        return r;
+        return upstream_check.Check();
       });
     }
   }

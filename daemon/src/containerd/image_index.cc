@@ -1,4 +1,3 @@
-#include "containerd/grpc_status.h"
 #include "containerd/image_index.h"
 
 #include <spdlog/spdlog.h>
@@ -6,10 +5,10 @@
 #include <chrono>
 #include <utility>
 
-#include "github.com/containerd/containerd/api/events/image.pb.h"
-#include "github.com/containerd/containerd/api/services/events/v1/events.grpc.pb.h"
-#include "github.com/containerd/containerd/api/services/images/v1/images.grpc.pb.h"
 #include "containerd/upstream_grpc.h"
+#include "github.com/containerd/containerd/api/events/image.pb.h"
+#include "github.com/containerd/containerd/api/services/events/v1/events.pb.h"
+#include "github.com/containerd/containerd/api/services/images/v1/images.pb.h"
 
 namespace registry_proxy {
 namespace {
@@ -18,12 +17,14 @@ namespace events = containerd::services::events::v1;
 namespace images = containerd::services::images::v1;
 
 constexpr char kNamespaceHeader[] = "containerd-namespace";
+constexpr char kSubscribe[] = "/containerd.services.events.v1.Events/Subscribe";
+constexpr char kList[] = "/containerd.services.images.v1.Images/List";
 constexpr std::chrono::seconds kRetry{1};  // after the stream or the list failed
 constexpr std::chrono::seconds kListTimeout{30};
 
 }  // namespace
 
-ContainerdImageIndex::ContainerdImageIndex(std::shared_ptr<grpc::Channel> channel,
+ContainerdImageIndex::ContainerdImageIndex(std::shared_ptr<RpcChannel> channel,
                                            std::function<std::string()> containerd_namespace)
     : channel_(std::move(channel)), namespace_(std::move(containerd_namespace)) {}
 
@@ -39,7 +40,7 @@ void ContainerdImageIndex::Stop() {
   {
     std::lock_guard lock(mu_);
     stopping_ = true;
-    if (stream_ctx_) stream_ctx_->TryCancel();
+    if (stream_call_) stream_call_->Cancel();
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
@@ -48,7 +49,7 @@ void ContainerdImageIndex::Stop() {
 void ContainerdImageIndex::Resync() {
   std::lock_guard lock(mu_);
   resync_ = true;
-  if (stream_ctx_) stream_ctx_->TryCancel();
+  if (stream_call_) stream_call_->Cancel();
 }
 
 std::optional<bool> ContainerdImageIndex::ContainsAny(std::string_view ns,
@@ -57,7 +58,7 @@ std::optional<bool> ContainerdImageIndex::ContainsAny(std::string_view ns,
   if (synced_ns_.empty()) return std::nullopt;
   if (synced_ns_ != ns) {  // node.containerdNamespace changed: follow the new one
     resync_ = true;
-    if (stream_ctx_) stream_ctx_->TryCancel();
+    if (stream_call_) stream_call_->Cancel();
     return std::nullopt;
   }
   for (const std::string& n : names) {
@@ -93,23 +94,25 @@ void ContainerdImageIndex::Run() {
 }
 
 void ContainerdImageIndex::FollowOnce(const std::string& ns) {
-  grpc::ClientContext ctx;
+  RpcCallHandle call;
   {
     std::lock_guard lock(mu_);
     if (stopping_ || resync_) return;
-    stream_ctx_ = &ctx;
+    stream_call_ = &call;
   }
   events::SubscribeRequest sreq;
   sreq.add_filters("namespace==" + ContainerdFilterValue(ns) + ",topic~=\"^/images/\"");
-  auto stream = events::Events::NewStub(channel_)->Subscribe(&ctx, sreq);
+  RpcCallOptions sopts;
+  sopts.handle = &call;
+  auto stream = channel_->Stream(kSubscribe, sreq, sopts);
 
   // Then the names already there (see the header on the order).
   images::ListImagesRequest lreq;
   images::ListImagesResponse lresp;
-  grpc::ClientContext lctx;
-  lctx.AddMetadata(kNamespaceHeader, ns);
-  lctx.set_deadline(std::chrono::system_clock::now() + kListTimeout);
-  RpcStatus s = FromGrpc(images::Images::NewStub(channel_)->List(&lctx, lreq, &lresp));
+  RpcCallOptions lopts;
+  lopts.metadata = {{kNamespaceHeader, ns}};
+  lopts.deadline = std::chrono::system_clock::now() + kListTimeout;
+  RpcStatus s = channel_->Call(kList, lreq, &lresp, lopts);
   if (s.ok()) {
     std::lock_guard lock(mu_);
     names_.clear();
@@ -119,7 +122,7 @@ void ContainerdImageIndex::FollowOnce(const std::string& ns) {
   } else {
     spdlog::debug("image index: cannot list the images of {}: {} (retrying)", ns,
                   s.error_message());
-    ctx.TryCancel();
+    stream->Cancel();
   }
 
   events::Envelope env;
@@ -128,9 +131,9 @@ void ContainerdImageIndex::FollowOnce(const std::string& ns) {
     if (env.namespace_() != ns || !event.ParseFromString(env.event().value())) continue;
     Apply(env.topic(), event.name());
   }
-  RpcStatus end = FromGrpc(stream->Finish());
+  RpcStatus end = stream->Finish();
   std::lock_guard lock(mu_);
-  stream_ctx_ = nullptr;
+  stream_call_ = nullptr;
   if (s.ok() && !stopping_ && !resync_) {
     spdlog::debug("image index: the event stream ended ({}); resyncing", end.error_message());
   }

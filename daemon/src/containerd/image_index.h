@@ -17,8 +17,6 @@
 // Thread safety: every method may be called from any thread.
 #pragma once
 
-#include <grpcpp/grpcpp.h>
-
 #include <condition_variable>
 #include <functional>
 #include <memory>
@@ -29,6 +27,8 @@
 #include <thread>
 #include <unordered_set>
 #include <vector>
+
+#include "containerd/rpc_channel.h"
 
 namespace registry_proxy {
 
@@ -47,7 +47,7 @@ class ContainerdImageIndex final : public ImageNameIndex {
   // `containerd_namespace` is asked at each (re)subscription. When ContainsAny is asked about
   // another namespace (a reload changed node.containerdNamespace) the index resyncs and answers
   // nullopt meanwhile.
-  ContainerdImageIndex(std::shared_ptr<grpc::Channel> channel,
+  ContainerdImageIndex(std::shared_ptr<RpcChannel> channel,
                        std::function<std::string()> containerd_namespace);
   ~ContainerdImageIndex() override;  // Stop()
   ContainerdImageIndex(const ContainerdImageIndex&) = delete;
@@ -72,15 +72,15 @@ class ContainerdImageIndex final : public ImageNameIndex {
   void FollowOnce(const std::string& ns);
   void Apply(std::string_view topic, const std::string& name);
 
-  std::shared_ptr<grpc::Channel> channel_;
+  std::shared_ptr<RpcChannel> channel_;
   std::function<std::string()> namespace_;
   mutable std::mutex mu_;
-  std::condition_variable cv_;                 // wakes the back-off sleep on Stop
-  std::unordered_set<std::string> names_;      // guarded by mu_
-  std::string synced_ns_;                      // guarded by mu_; "" = not in sync
-  grpc::ClientContext* stream_ctx_ = nullptr;  // guarded by mu_: the stream to cancel
-  bool stopping_ = false;                      // guarded by mu_
-  mutable bool resync_ = false;                // guarded by mu_: start over at once
+  std::condition_variable cv_;             // wakes the back-off sleep on Stop
+  std::unordered_set<std::string> names_;  // guarded by mu_
+  std::string synced_ns_;                  // guarded by mu_; "" = not in sync
+  RpcCallHandle* stream_call_ = nullptr;   // guarded by mu_: the stream to cancel
+  bool stopping_ = false;                  // guarded by mu_
+  mutable bool resync_ = false;            // guarded by mu_: start over at once
   std::thread thread_;
 };
 

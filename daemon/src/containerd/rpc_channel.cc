@@ -276,6 +276,7 @@ struct RpcChannel::Loop {
   const std::string path;
   int epoll_fd = -1, wake_fd = -1, timer_fd = -1;
   std::atomic<int> connections{0};
+  std::atomic<State> state{State::kIdle};  // written by the loop only
 
   // Shared with callers, under mu.
   std::mutex mu;
@@ -342,7 +343,10 @@ struct Callbacks {
       // The peer is going away: calls it accepted finish here, new ones open a new connection.
       // nghttp2 closes the streams it refused (REFUSED_STREAM: UNAVAILABLE).
       s->usable = false;
-      if (s->loop->current == s) s->loop->current = nullptr;
+      if (s->loop->current == s) {
+        s->loop->current = nullptr;
+        s->loop->state.store(RpcChannel::State::kIdle, std::memory_order_relaxed);
+      }
     }
     return 0;
   }
@@ -662,6 +666,7 @@ Session* RpcChannel::Loop::Connect(std::string* error) {
   if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
     *error = "cannot connect to " + path + ": " + std::strerror(errno);
     close(fd);
+    state.store(State::kTransientFailure, std::memory_order_relaxed);
     return nullptr;
   }
   auto s = std::make_unique<Session>();
@@ -686,6 +691,7 @@ Session* RpcChannel::Loop::Connect(std::string* error) {
     return nullptr;
   }
   connections.fetch_add(1, std::memory_order_relaxed);
+  state.store(State::kReady, std::memory_order_relaxed);
   backoff = Clock::duration::zero();
   current = s.get();
   sessions.push_back(std::move(s));
@@ -939,7 +945,10 @@ void RpcChannel::Loop::Flush(Session* s) {
 void RpcChannel::Loop::Kill(Session* s, const std::string& why) {
   if (s->dead) return;
   s->dead = true;
-  if (current == s) current = nullptr;
+  if (current == s) {
+    current = nullptr;
+    state.store(State::kIdle, std::memory_order_relaxed);
+  }
   epoll_ctl(epoll_fd, EPOLL_CTL_DEL, s->fd, nullptr);
   auto streams = std::move(s->streams);
   s->streams.clear();
@@ -1024,6 +1033,8 @@ void RpcChannel::RequestConsume(const std::shared_ptr<RpcCallHandle::Call>& call
 int RpcChannel::connections_opened() const {
   return loop_->connections.load(std::memory_order_relaxed);
 }
+
+RpcChannel::State RpcChannel::state() const { return loop_->state.load(std::memory_order_relaxed); }
 
 std::shared_ptr<RpcCallHandle::Call> RpcChannel::Start(std::string_view method, std::string framed,
                                                        const RpcCallOptions& options,

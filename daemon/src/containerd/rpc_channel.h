@@ -140,6 +140,13 @@ class RpcChannel {
   // For tests and metrics: HTTP/2 connections opened so far.
   int connections_opened() const;
 
+  // The connection's state, in gRPC's words (a metric shows it): kIdle before the first call
+  // and after the connection ended, kReady while it is up, kTransientFailure after an attempt
+  // to connect failed (until one succeeds). A unix socket connects at once, so there is no
+  // "connecting".
+  enum class State { kIdle, kReady, kTransientFailure };
+  State state() const;
+
   struct Loop;  // everything the loop thread owns (rpc_channel.cc)
 
  private:

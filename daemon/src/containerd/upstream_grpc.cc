@@ -1,58 +1,48 @@
-// gRPC implementations of the upstream interfaces.
+// The upstream interfaces over RpcChannel.
 //
-// The CRI calls use grpc::internal::BlockingUnaryCall with our own RpcMethod, exactly what a
-// generated stub does, because the method path must follow the caller's CRI version while the
-// message types stay runtime.v1. It is gRPC's internal API, but it is the one generated code
-// compiles against, so it is as stable as the generated code of this gRPC version.
+// The CRI calls go by method path, which follows the caller's CRI version, while the message
+// types stay runtime.v1 (the same on the wire for every field the daemon reads or writes).
 #include "containerd/upstream_grpc.h"
-
-#include "containerd/grpc_status.h"
-
-#include <grpcpp/impl/client_unary_call.h>
-#include <grpcpp/impl/rpc_method.h>
 
 #include <utility>
 #include <vector>
+
+#include "github.com/containerd/containerd/api/services/images/v1/images.pb.h"
 
 namespace registry_proxy {
 namespace {
 
 namespace images = containerd::services::images::v1;
-using grpc::internal::RpcMethod;
 
 constexpr char kPullV1[] = "/runtime.v1.ImageService/PullImage";
 constexpr char kPullV1alpha2[] = "/runtime.v1alpha2.ImageService/PullImage";
 constexpr char kStatusV1[] = "/runtime.v1.ImageService/ImageStatus";
 constexpr char kStatusV1alpha2[] = "/runtime.v1alpha2.ImageService/ImageStatus";
 
+constexpr char kImagesList[] = "/containerd.services.images.v1.Images/List";
+constexpr char kImagesGet[] = "/containerd.services.images.v1.Images/Get";
+constexpr char kImagesCreate[] = "/containerd.services.images.v1.Images/Create";
+constexpr char kImagesUpdate[] = "/containerd.services.images.v1.Images/Update";
+constexpr char kImagesDelete[] = "/containerd.services.images.v1.Images/Delete";
+
 constexpr char kNamespaceHeader[] = "containerd-namespace";
 
-void ApplyCallOptions(const CallOptions& opts, grpc::ClientContext* ctx) {
-  if (opts.deadline != std::chrono::system_clock::time_point::max()) {
-    ctx->set_deadline(opts.deadline);
-  }
-  for (const auto& [key, value] : opts.metadata) ctx->AddMetadata(key, value);
+const char* PullMethod(CriVersion v) { return v == CriVersion::kV1 ? kPullV1 : kPullV1alpha2; }
+const char* StatusMethod(CriVersion v) {
+  return v == CriVersion::kV1 ? kStatusV1 : kStatusV1alpha2;
 }
 
-// A grpc::ClientContext as a call the caller's Cancellation can stop.
-class CancellableContext final : public Cancellable {
- public:
-  explicit CancellableContext(grpc::ClientContext* ctx) : ctx_(ctx) {}
-  void Cancel() override { ctx_->TryCancel(); }
-
- private:
-  grpc::ClientContext* ctx_;
-};
-
+// One call with the downstream caller's deadline and metadata, stopped by its Cancellation.
 template <class Request, class Response>
-RpcStatus Unary(grpc::ChannelInterface* channel, const RpcMethod& method,
-                   const CallOptions& opts, const Request& request, Response* response) {
-  grpc::ClientContext ctx;
-  ApplyCallOptions(opts, &ctx);
-  CancellableContext cancellable(&ctx);
-  Cancellation::Scope scope(opts.cancellation, &cancellable);
-  return FromGrpc(grpc::internal::BlockingUnaryCall<Request, Response>(channel, method, &ctx,
-                                                                       request, response));
+RpcStatus Unary(RpcChannel& channel, const char* method, const CallOptions& opts,
+                const Request& request, Response* response) {
+  RpcCallHandle handle;
+  Cancellation::Scope scope(opts.cancellation, &handle);
+  RpcCallOptions call;
+  call.deadline = opts.deadline;
+  call.metadata = opts.metadata;
+  call.handle = &handle;
+  return channel.Call(method, request, response, call);
 }
 
 ImageRecord FromProto(const images::Image& image) {
@@ -103,109 +93,84 @@ std::shared_ptr<grpc::Channel> MakeUpstreamChannel(const std::string& endpoint,
   return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
 }
 
-struct GrpcCriImageBackend::Methods {
-  explicit Methods(const std::shared_ptr<grpc::Channel>& channel)
-      : pull_v1(kPullV1, RpcMethod::NORMAL_RPC, channel),
-        pull_v1alpha2(kPullV1alpha2, RpcMethod::NORMAL_RPC, channel),
-        status_v1(kStatusV1, RpcMethod::NORMAL_RPC, channel),
-        status_v1alpha2(kStatusV1alpha2, RpcMethod::NORMAL_RPC, channel) {}
+std::shared_ptr<RpcChannel> MakeContainerdChannel(const std::string& endpoint,
+                                                  int max_message_bytes) {
+  RpcChannelOptions o;
+  o.endpoint = endpoint;
+  o.max_message_bytes = static_cast<size_t>(max_message_bytes);
+  return std::make_shared<RpcChannel>(std::move(o));
+}
 
-  const RpcMethod& Pull(CriVersion v) const {
-    return v == CriVersion::kV1 ? pull_v1 : pull_v1alpha2;
-  }
-  const RpcMethod& Status(CriVersion v) const {
-    return v == CriVersion::kV1 ? status_v1 : status_v1alpha2;
-  }
-
-  RpcMethod pull_v1, pull_v1alpha2, status_v1, status_v1alpha2;
-};
-
-GrpcCriImageBackend::GrpcCriImageBackend(std::shared_ptr<grpc::Channel> channel)
-    : channel_(std::move(channel)), methods_(std::make_unique<const Methods>(channel_)) {}
+GrpcCriImageBackend::GrpcCriImageBackend(std::shared_ptr<RpcChannel> channel)
+    : channel_(std::move(channel)) {}
 
 GrpcCriImageBackend::~GrpcCriImageBackend() = default;
 
 RpcStatus GrpcCriImageBackend::PullImage(CriVersion v, const runtime::v1::PullImageRequest& req,
-                                            const CallOptions& opts,
-                                            runtime::v1::PullImageResponse* resp) {
-  return Unary(channel_.get(), methods_->Pull(v), opts, req, resp);
+                                         const CallOptions& opts,
+                                         runtime::v1::PullImageResponse* resp) {
+  return Unary(*channel_, PullMethod(v), opts, req, resp);
 }
 
 RpcStatus GrpcCriImageBackend::PullImageRaw(CriVersion v, const std::string& request,
-                                               const CallOptions& opts, std::string* response) {
-  grpc::Slice slice(request);
-  grpc::ByteBuffer in(&slice, 1);
-  grpc::ByteBuffer out;
-  RpcStatus status = Unary(channel_.get(), methods_->Pull(v), opts, in, &out);
+                                            const CallOptions& opts, std::string* response) {
   response->clear();
-  if (status.ok()) {
-    std::vector<grpc::Slice> slices;
-    if (!out.Dump(&slices).ok()) {
-      return RpcStatus(RpcCode::INTERNAL, "cannot read the PullImage response");
-    }
-    for (const grpc::Slice& s : slices) {
-      response->append(reinterpret_cast<const char*>(s.begin()), s.size());
-    }
-  }
-  return status;
+  return Unary(*channel_, PullMethod(v), opts, std::string_view(request), response);
 }
 
-RpcStatus GrpcCriImageBackend::ImageStatus(CriVersion v,
-                                              const runtime::v1::ImageStatusRequest& req,
-                                              const CallOptions& opts,
-                                              runtime::v1::ImageStatusResponse* resp) {
-  return Unary(channel_.get(), methods_->Status(v), opts, req, resp);
+RpcStatus GrpcCriImageBackend::ImageStatus(CriVersion v, const runtime::v1::ImageStatusRequest& req,
+                                           const CallOptions& opts,
+                                           runtime::v1::ImageStatusResponse* resp) {
+  return Unary(*channel_, StatusMethod(v), opts, req, resp);
 }
 
-GrpcImageRecordStore::GrpcImageRecordStore(std::shared_ptr<grpc::Channel> channel,
+GrpcImageRecordStore::GrpcImageRecordStore(std::shared_ptr<RpcChannel> channel,
                                            std::string containerd_namespace)
     : GrpcImageRecordStore(std::move(channel), std::move(containerd_namespace), Options{}) {}
 
-GrpcImageRecordStore::GrpcImageRecordStore(std::shared_ptr<grpc::Channel> channel,
+GrpcImageRecordStore::GrpcImageRecordStore(std::shared_ptr<RpcChannel> channel,
                                            std::string containerd_namespace, Options options)
     : GrpcImageRecordStore(
           std::move(channel), [ns = std::move(containerd_namespace)] { return ns; }, options) {}
 
-GrpcImageRecordStore::GrpcImageRecordStore(std::shared_ptr<grpc::Channel> channel,
+GrpcImageRecordStore::GrpcImageRecordStore(std::shared_ptr<RpcChannel> channel,
                                            std::function<std::string()> containerd_namespace,
                                            Options options)
-    : stub_(images::Images::NewStub(std::move(channel))),
+    : channel_(std::move(channel)),
       namespace_(std::move(containerd_namespace)),
       options_(options) {}
 
 GrpcImageRecordStore::~GrpcImageRecordStore() = default;
 
-void GrpcImageRecordStore::Prepare(grpc::ClientContext* ctx) const {
-  ctx->AddMetadata(kNamespaceHeader, namespace_());
+RpcCallOptions GrpcImageRecordStore::Prepare() const {
+  RpcCallOptions call;
+  call.metadata = {{kNamespaceHeader, namespace_()}};
   if (options_.timeout.count() > 0) {
-    ctx->set_deadline(std::chrono::system_clock::now() + options_.timeout);
+    call.deadline = std::chrono::system_clock::now() + options_.timeout;
   }
+  return call;
 }
 
 RpcStatus GrpcImageRecordStore::GetMany(const std::vector<std::string>& names,
-                                           std::vector<ImageRecord>* found) {
+                                        std::vector<ImageRecord>* found) {
   found->clear();
   if (names.empty()) return RpcStatus::OK;
-  grpc::ClientContext ctx;
-  Prepare(&ctx);
   images::ListImagesRequest req;
   for (const std::string& name : names) {
     req.add_filters("name==" + ContainerdFilterValue(name));  // filters are OR'ed
   }
   images::ListImagesResponse resp;
-  RpcStatus s = FromGrpc(stub_->List(&ctx, req, &resp));
+  RpcStatus s = channel_->Call(kImagesList, req, &resp, Prepare());
   if (!s.ok()) return s;
   for (const images::Image& image : resp.images()) found->push_back(FromProto(image));
   return s;
 }
 
 RpcStatus GrpcImageRecordStore::Get(const std::string& name, ImageRecord* out) {
-  grpc::ClientContext ctx;
-  Prepare(&ctx);
   images::GetImageRequest req;
   req.set_name(name);
   images::GetImageResponse resp;
-  RpcStatus s = FromGrpc(stub_->Get(&ctx, req, &resp));
+  RpcStatus s = channel_->Call(kImagesGet, req, &resp, Prepare());
   if (s.ok()) *out = FromProto(resp.image());
   return s;
 }
@@ -216,35 +181,29 @@ RpcStatus GrpcImageRecordStore::Put(const ImageRecord& record) {
   RpcStatus s;
   for (int round = 0; round < 3; ++round) {
     {
-      grpc::ClientContext ctx;
-      Prepare(&ctx);
       images::CreateImageRequest req;
       ToProto(record, req.mutable_image());
       images::CreateImageResponse resp;
-      s = FromGrpc(stub_->Create(&ctx, req, &resp));
+      s = channel_->Call(kImagesCreate, req, &resp, Prepare());
       if (s.error_code() != RpcCode::ALREADY_EXISTS) return s;
     }
-    grpc::ClientContext ctx;
-    Prepare(&ctx);
     images::UpdateImageRequest req;
     ToProto(record, req.mutable_image());
     req.mutable_update_mask()->add_paths("target");
     req.mutable_update_mask()->add_paths("labels");
     images::UpdateImageResponse resp;
-    s = FromGrpc(stub_->Update(&ctx, req, &resp));
+    s = channel_->Call(kImagesUpdate, req, &resp, Prepare());
     if (s.error_code() != RpcCode::NOT_FOUND) return s;
   }
   return s;
 }
 
 RpcStatus GrpcImageRecordStore::Delete(const std::string& name) {
-  grpc::ClientContext ctx;
-  Prepare(&ctx);
   images::DeleteImageRequest req;
   req.set_name(name);
   // sync=false: the content stays referenced by the other names; no GC wait is needed.
   google::protobuf::Empty resp;
-  RpcStatus s = FromGrpc(stub_->Delete(&ctx, req, &resp));
+  RpcStatus s = channel_->Call(kImagesDelete, req, &resp, Prepare());
   if (s.error_code() == RpcCode::NOT_FOUND) return RpcStatus::OK;
   return s;
 }

@@ -1,8 +1,9 @@
 // The real upstream clients: containerd's CRI ImageService and its Images API, over gRPC
-// on the upstream channel (containerd serves both on its one socket).
+// (RpcChannel, our own client: no gRPC library) on the upstream channel (containerd serves both
+// on its one socket).
 //
 // Thread safety: both classes are immutable after construction and every method may be called
-// concurrently from any thread (each call has its own ClientContext; the channel is shared).
+// concurrently from any thread (each call is its own stream; the channel is shared).
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -13,7 +14,7 @@
 #include <string>
 #include <string_view>
 
-#include "github.com/containerd/containerd/api/services/images/v1/images.grpc.pb.h"
+#include "containerd/rpc_channel.h"
 #include "containerd/upstream.h"
 
 namespace registry_proxy {
@@ -22,30 +23,34 @@ namespace registry_proxy {
 std::string ContainerdFilterValue(std::string_view value);
 
 // A channel to the upstream CRI socket, tuned for a local peer that restarts: reconnect
-// within a second, not gRPC's default two minutes.
+// within a second, not gRPC's default two minutes. (gRPC's library: for the clients not yet on
+// RpcChannel.)
 std::shared_ptr<grpc::Channel> MakeUpstreamChannel(const std::string& endpoint,
                                                    int max_message_bytes);
+
+// The daemon's channel to containerd ("unix:///path" or "/path"): RpcChannel connects on first
+// use and again on the first call after containerd went away, so a restart costs the calls in
+// flight and nothing more.
+std::shared_ptr<RpcChannel> MakeContainerdChannel(const std::string& endpoint,
+                                                  int max_message_bytes);
 
 // CRI ImageService calls by method name, so one client serves runtime.v1 and
 // runtime.v1alpha2 alike: the messages are the same on the wire, only the method path
 // ("/runtime.v1alpha2.ImageService/PullImage") differs.
 class GrpcCriImageBackend final : public CriImageBackend {
  public:
-  explicit GrpcCriImageBackend(std::shared_ptr<grpc::Channel> channel);
+  explicit GrpcCriImageBackend(std::shared_ptr<RpcChannel> channel);
   ~GrpcCriImageBackend() override;
 
   RpcStatus PullImage(CriVersion v, const runtime::v1::PullImageRequest& req,
-                         const CallOptions& opts, runtime::v1::PullImageResponse* resp) override;
+                      const CallOptions& opts, runtime::v1::PullImageResponse* resp) override;
   RpcStatus PullImageRaw(CriVersion v, const std::string& request, const CallOptions& opts,
-                            std::string* response) override;
+                         std::string* response) override;
   RpcStatus ImageStatus(CriVersion v, const runtime::v1::ImageStatusRequest& req,
-                           const CallOptions& opts,
-                           runtime::v1::ImageStatusResponse* resp) override;
+                        const CallOptions& opts, runtime::v1::ImageStatusResponse* resp) override;
 
  private:
-  struct Methods;  // grpc::internal::RpcMethod, kept out of this header
-  std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<const Methods> methods_;
+  std::shared_ptr<RpcChannel> channel_;
 };
 
 // containerd's Images API in one containerd namespace (sent as the "containerd-namespace"
@@ -65,12 +70,12 @@ class GrpcImageRecordStore final : public ImageRecordStore {
     std::chrono::milliseconds timeout{10000};
   };
 
-  GrpcImageRecordStore(std::shared_ptr<grpc::Channel> channel, std::string containerd_namespace);
-  GrpcImageRecordStore(std::shared_ptr<grpc::Channel> channel, std::string containerd_namespace,
+  GrpcImageRecordStore(std::shared_ptr<RpcChannel> channel, std::string containerd_namespace);
+  GrpcImageRecordStore(std::shared_ptr<RpcChannel> channel, std::string containerd_namespace,
                        Options options);
   // The namespace is asked for on every call, so a config reload that changes
   // node.containerdNamespace takes effect without a new store.
-  GrpcImageRecordStore(std::shared_ptr<grpc::Channel> channel,
+  GrpcImageRecordStore(std::shared_ptr<RpcChannel> channel,
                        std::function<std::string()> containerd_namespace, Options options);
   ~GrpcImageRecordStore() override;
 
@@ -78,12 +83,13 @@ class GrpcImageRecordStore final : public ImageRecordStore {
   RpcStatus Put(const ImageRecord& record) override;
   RpcStatus Delete(const std::string& name) override;
   RpcStatus GetMany(const std::vector<std::string>& names,
-                       std::vector<ImageRecord>* found) override;  // one List call
+                    std::vector<ImageRecord>* found) override;  // one List call
 
  private:
-  void Prepare(grpc::ClientContext* ctx) const;
+  // The namespace header and the deadline of one call.
+  RpcCallOptions Prepare() const;
 
-  std::unique_ptr<containerd::services::images::v1::Images::Stub> stub_;
+  std::shared_ptr<RpcChannel> channel_;
   std::function<std::string()> namespace_;
   Options options_;
 };

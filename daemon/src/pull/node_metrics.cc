@@ -1,7 +1,6 @@
 #include "pull/node_metrics.h"
 
-#include "containerd/grpc_status.h"
-#include "k8s.io/cri-api/pkg/apis/runtime/v1/api.grpc.pb.h"
+#include "k8s.io/cri-api/pkg/apis/runtime/v1/api.pb.h"
 
 namespace registry_proxy {
 namespace {
@@ -143,37 +142,37 @@ InterceptResult InFlightPulls::PullImage(CriVersion v, const std::string& reques
 
 // ---------------------------------------------------------------------------------------------
 
-void AddUpstreamStateMetric(Registry* registry, std::shared_ptr<grpc::Channel> channel) {
-  static constexpr std::pair<grpc_connectivity_state, const char*> kStates[] = {
-      {GRPC_CHANNEL_IDLE, "idle"},         {GRPC_CHANNEL_CONNECTING, "connecting"},
-      {GRPC_CHANNEL_READY, "ready"},       {GRPC_CHANNEL_TRANSIENT_FAILURE, "transient_failure"},
-      {GRPC_CHANNEL_SHUTDOWN, "shutdown"},
-  };
+void AddUpstreamStateMetric(Registry* registry, std::shared_ptr<RpcChannel> channel) {
+  static constexpr const char* kStates[] = {"idle", "connecting", "ready", "transient_failure",
+                                            "shutdown"};
   auto& family = registry->AddGauge(
       "registry_proxy_upstream_connection_state",
       "1 for the state the gRPC channel to the upstream CRI (containerd) is in now.", {"state"});
-  std::vector<std::pair<grpc_connectivity_state, metrics::Gauge*>> gauges;
-  for (const auto& [state, name] : kStates) gauges.emplace_back(state, &family.With({name}));
+  std::vector<metrics::Gauge*> gauges;
+  for (const char* name : kStates) gauges.push_back(&family.With({name}));
   registry->AddScrapeHook([channel = std::move(channel), gauges] {
-    const grpc_connectivity_state now = channel->GetState(/*try_to_connect=*/false);
-    for (const auto& [state, gauge] : gauges) gauge->Set(state == now ? 1 : 0);
+    const RpcChannel::State now = channel->state();
+    const std::string_view name = now == RpcChannel::State::kReady ? "ready"
+                                  : now == RpcChannel::State::kTransientFailure
+                                      ? "transient_failure"
+                                      : "idle";
+    for (size_t i = 0; i < gauges.size(); ++i) gauges[i]->Set(kStates[i] == name ? 1 : 0);
   });
 }
 
-UpstreamCheck::UpstreamCheck(std::shared_ptr<grpc::Channel> channel,
-                             std::chrono::milliseconds timeout, std::chrono::milliseconds cache_for)
+UpstreamCheck::UpstreamCheck(std::shared_ptr<RpcChannel> channel, std::chrono::milliseconds timeout,
+                             std::chrono::milliseconds cache_for)
     : channel_(std::move(channel)), timeout_(timeout), cache_for_(cache_for) {}
 
 Readiness UpstreamCheck::Check() {
   std::lock_guard<std::mutex> lock(mu_);
   const auto now = std::chrono::steady_clock::now();
   if (have_ && now - checked_ < cache_for_) return last_;
-  runtime::v1::RuntimeService::Stub stub(channel_);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + timeout_);
+  RpcCallOptions call;
+  call.deadline = std::chrono::system_clock::now() + timeout_;
   runtime::v1::VersionRequest req;
   runtime::v1::VersionResponse resp;
-  const RpcStatus s = FromGrpc(stub.Version(&ctx, req, &resp));
+  const RpcStatus s = channel_->Call("/runtime.v1.RuntimeService/Version", req, &resp, call);
   calls_.fetch_add(1);
   last_.ready = s.ok();
   last_.reason = s.ok() ? "" : "upstream CRI does not answer Version: " + RpcStatusText(s);

@@ -22,8 +22,6 @@
 // a few atomic adds once a method was seen.
 #pragma once
 
-#include <grpcpp/grpcpp.h>
-
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -33,6 +31,7 @@
 #include <string_view>
 #include <unordered_map>
 
+#include "containerd/rpc_channel.h"
 #include "cri/cri_server.h"
 #include "cri/interceptor.h"
 #include "ops/metrics.h"
@@ -116,22 +115,23 @@ class InFlightPulls final : public ImageInterceptor {
 };
 
 // registry_proxy_upstream_connection_state{state}: 1 for the channel's state now, 0 for the
-// others (idle, connecting, ready, transient_failure, shutdown). Read at scrape time.
-void AddUpstreamStateMetric(metrics::Registry* registry, std::shared_ptr<grpc::Channel> channel);
+// others (idle, connecting, ready, transient_failure, shutdown: gRPC's five, kept for dashboards;
+// RpcChannel is never "connecting" or "shutdown"). Read at scrape time.
+void AddUpstreamStateMetric(metrics::Registry* registry, std::shared_ptr<RpcChannel> channel);
 
 // Whether the upstream CRI answers: runtime.v1 RuntimeService/Version within `timeout`. The
 // answer is cached for `cache_for`, and concurrent callers share one call, so probes and
 // scrapes never hammer containerd.
 class UpstreamCheck {
  public:
-  UpstreamCheck(std::shared_ptr<grpc::Channel> channel,
+  UpstreamCheck(std::shared_ptr<RpcChannel> channel,
                 std::chrono::milliseconds timeout = std::chrono::seconds(1),
                 std::chrono::milliseconds cache_for = std::chrono::seconds(1));
   Readiness Check();
   uint64_t calls() const { return calls_.load(); }  // Version calls made (tests)
 
  private:
-  std::shared_ptr<grpc::Channel> channel_;
+  std::shared_ptr<RpcChannel> channel_;
   const std::chrono::milliseconds timeout_, cache_for_;
   std::mutex mu_;  // held during the call: concurrent callers wait for its answer
   std::chrono::steady_clock::time_point checked_{};

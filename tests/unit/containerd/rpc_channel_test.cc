@@ -456,14 +456,20 @@ TEST_F(RpcChannelTest, ASlowCallDoesNotHoldUpOthers) {
 TEST_F(RpcChannelTest, ServerRestartFailsUnavailableThenReconnects) {
   auto server = std::make_unique<GrpcServer>(socket());
   RpcChannel channel(Options());
+  EXPECT_EQ(channel.state(), RpcChannel::State::kIdle);
   std::string response;
   ASSERT_TRUE(channel.Call("/t/Echo", "x", &response).ok());
+  EXPECT_EQ(channel.state(), RpcChannel::State::kReady);
   server.reset();
   RpcStatus s = channel.Call("/t/Echo", "x", &response);
   EXPECT_EQ(s.error_code(), RpcCode::UNAVAILABLE) << RpcStatusText(s);
+  // kTransientFailure when the call found the socket gone, kIdle if it was sent on the old
+  // connection before the server's close reached us.
+  EXPECT_NE(channel.state(), RpcChannel::State::kReady);
   server = std::make_unique<GrpcServer>(socket());
   s = channel.Call("/t/Echo", "again", &response);
   ASSERT_TRUE(s.ok()) << RpcStatusText(s);
+  EXPECT_EQ(channel.state(), RpcChannel::State::kReady);
   EXPECT_EQ(response, "again");
   EXPECT_EQ(channel.connections_opened(), 2);
 }

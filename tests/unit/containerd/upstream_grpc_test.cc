@@ -6,11 +6,15 @@
 
 #include <grpcpp/generic/async_generic_service.h>
 #include <gtest/gtest.h>
+#include <stdlib.h>
 
 #include <condition_variable>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <thread>
+
+#include "github.com/containerd/containerd/api/services/images/v1/images.grpc.pb.h"
 
 // Under TSan: the system's gRPC, protobuf and abseil are not instrumented, so TSan cannot see
 // their synchronisation and reports every hand-off between gRPC's threads and ours as a race.
@@ -197,19 +201,28 @@ class FakeImages final : public images::Images::Service {
 class UpstreamGrpcTest : public testing::Test {
  protected:
   void SetUp() override {
+    char tmpl[] = "/tmp/upstream_grpc_test.XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
     grpc::ServerBuilder b;
+    b.AddListeningPort("unix://" + dir_ + "/containerd.sock", grpc::InsecureServerCredentials());
     b.RegisterService(&images_);
     b.RegisterCallbackGenericService(&cri_);
     server_ = b.BuildAndStart();
     ASSERT_NE(server_, nullptr);
-    channel_ = server_->InProcessChannel(grpc::ChannelArguments());
+    channel_ = MakeContainerdChannel("unix://" + dir_ + "/containerd.sock", 16 << 20);
   }
-  void TearDown() override { server_->Shutdown(std::chrono::system_clock::now()); }
+  void TearDown() override {
+    channel_.reset();
+    server_->Shutdown(std::chrono::system_clock::now());
+    std::filesystem::remove_all(dir_);
+  }
 
+  std::string dir_;
   FakeCri cri_;
   FakeImages images_;
   std::unique_ptr<grpc::Server> server_;
-  std::shared_ptr<grpc::Channel> channel_;
+  std::shared_ptr<RpcChannel> channel_;
 };
 
 TEST_F(UpstreamGrpcTest, PullImageUsesTheCallersVersionAndOptions) {

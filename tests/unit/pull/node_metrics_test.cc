@@ -1,6 +1,7 @@
 #include "pull/node_metrics.h"
 
 #include <gmock/gmock.h>
+#include <grpcpp/grpcpp.h>  // the fake containerd
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -192,7 +193,7 @@ class UpstreamCheckTest : public ::testing::Test {
 
 TEST_F(UpstreamCheckTest, ReadyWhenVersionAnswersAndCached) {
   StartServer();
-  auto channel = grpc::CreateChannel(endpoint_, grpc::InsecureChannelCredentials());
+  auto channel = std::make_shared<RpcChannel>(RpcChannelOptions{.endpoint = endpoint_});
   UpstreamCheck cached(channel, 1s, std::chrono::hours(1));
   EXPECT_TRUE(cached.Check().ready);
   EXPECT_TRUE(cached.Check().ready);
@@ -204,7 +205,7 @@ TEST_F(UpstreamCheckTest, ReadyWhenVersionAnswersAndCached) {
 }
 
 TEST_F(UpstreamCheckTest, NotReadyWithTheReasonWhenNothingAnswers) {
-  auto channel = grpc::CreateChannel(endpoint_, grpc::InsecureChannelCredentials());
+  auto channel = std::make_shared<RpcChannel>(RpcChannelOptions{.endpoint = endpoint_});
   UpstreamCheck check(channel, 1s, 0ms);
   Readiness r = check.Check();
   EXPECT_FALSE(r.ready);
@@ -212,9 +213,17 @@ TEST_F(UpstreamCheckTest, NotReadyWithTheReasonWhenNothingAnswers) {
   EXPECT_THAT(r.reason, ::testing::AnyOf(HasSubstr("UNAVAILABLE"), HasSubstr("DEADLINE")));
 }
 
+TEST_F(UpstreamCheckTest, ConnectionStateAfterAFailedConnect) {
+  auto channel = std::make_shared<RpcChannel>(RpcChannelOptions{.endpoint = endpoint_});
+  metrics::Registry r;
+  AddUpstreamStateMetric(&r, channel);
+  EXPECT_FALSE(UpstreamCheck(channel).Check().ready);  // nothing listens
+  EXPECT_THAT(r.Render(), HasSubstr("{state=\"transient_failure\"} 1\n"));
+}
+
 TEST_F(UpstreamCheckTest, ConnectionStateIsOneOfFive) {
   StartServer();
-  auto channel = grpc::CreateChannel(endpoint_, grpc::InsecureChannelCredentials());
+  auto channel = std::make_shared<RpcChannel>(RpcChannelOptions{.endpoint = endpoint_});
   metrics::Registry r;
   AddUpstreamStateMetric(&r, channel);
   EXPECT_THAT(r.Render(),
