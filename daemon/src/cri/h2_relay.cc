@@ -16,8 +16,9 @@
 #include <string_view>
 #include <unordered_set>
 
-#include "cri/cri_methods.h"
 #include "base/string_util.h"
+#include "cri/cri_methods.h"
+#include "cri/intercept.h"
 
 namespace registry_proxy {
 namespace {
@@ -141,43 +142,6 @@ std::string PercentEncode(std::string_view s) {
     }
   }
   return out;
-}
-
-// "<1-8 digits><unit>" (gRPC's grpc-timeout); max() when absent or malformed.
-std::chrono::system_clock::time_point DeadlineFrom(const std::string& timeout) {
-  if (timeout.size() < 2 || timeout.size() > 9) return std::chrono::system_clock::time_point::max();
-  uint64_t v = 0;
-  for (size_t i = 0; i + 1 < timeout.size(); ++i) {
-    if (timeout[i] < '0' || timeout[i] > '9') return std::chrono::system_clock::time_point::max();
-    v = v * 10 + (timeout[i] - '0');
-  }
-  if (v > 100000000) return std::chrono::system_clock::time_point::max();
-  std::chrono::duration<double> d;
-  switch (timeout.back()) {
-    case 'H':
-      d = std::chrono::hours(v);
-      break;
-    case 'M':
-      d = std::chrono::minutes(v);
-      break;
-    case 'S':
-      d = std::chrono::seconds(v);
-      break;
-    case 'm':
-      d = std::chrono::milliseconds(v);
-      break;
-    case 'u':
-      d = std::chrono::microseconds(v);
-      break;
-    case 'n':
-      d = std::chrono::nanoseconds(v);
-      break;
-    default:
-      return std::chrono::system_clock::time_point::max();
-  }
-  if (d > std::chrono::hours(24 * 365 * 10)) return std::chrono::system_clock::time_point::max();
-  return std::chrono::system_clock::now() +
-         std::chrono::duration_cast<std::chrono::system_clock::duration>(d);
 }
 
 int ParseStatus(std::string_view v) {
@@ -526,7 +490,10 @@ struct Callbacks {
 // ---------------------------------------------------------------------------------------------
 
 H2Relay::H2Relay(ProxyOptions options, ImageInterceptor* interceptor, CallObserver* observer)
-    : options_(std::move(options)), interceptor_(interceptor), observer_(observer) {
+    : options_(std::move(options)),
+      interception_(std::make_unique<CallInterception>(interceptor, options_.max_workers,
+                                                       [this] { Wake(); })),
+      observer_(observer) {
   read_buf_.resize(kReadChunk);
 }
 
@@ -859,7 +826,7 @@ void H2Relay::Reap() {
 // --- a call ------------------------------------------------------------------------------------
 
 void H2Relay::OnRequestHeaders(Stream* st) {
-  st->info = ClassifyMethod(st->path, interceptor_ != nullptr);
+  st->info = ClassifyMethod(st->path, interception_->enabled());
   if (refusing_) {
     // Arrived on an open connection after the drain: a clear, retryable answer.
     FailCall(st, kUnavailable, "registry-proxy is shutting down");
@@ -905,9 +872,7 @@ void H2Relay::OnRequestComplete(Stream* st) {
   if (st->info.kind == CallKind::kPull) {
     std::string request(message);
     st->to_up.Clear();
-    if (!StartIntercepted(st, [this, v, request = std::move(request)](const CallOptions& opts) {
-          return interceptor_->PullImage(v, request, opts);
-        })) {
+    if (!StartIntercepted(st, interception_->Pull(v, std::move(request)))) {
       FailCall(st, refusing_ ? kUnavailable : kResourceExhausted,
                refusing_ ? "registry-proxy is shutting down"
                          : "registry-proxy: too many pulls in progress");
@@ -982,18 +947,10 @@ void H2Relay::OnResponseEnded(Stream* st) {
 void H2Relay::FinishHeldStatus(Stream* st) {
   if (!st->down || st->response_started) return;
   std::string_view message;
-  if (st->grpc_status == 0 && SingleMessage(st->to_down.view(), &message) &&
-      HasLengthDelimitedField1(message) != 1) {
-    std::string response(message);
-    const CriVersion v = st->info.version;
+  if (st->grpc_status == 0 && SingleMessage(st->to_down.view(), &message)) {
     // Without a worker to repair it (too many, or shutting down), containerd's answer stands.
-    if (interceptor_->StatusNeedsRecovery(v, st->held_request, response) &&
-        StartIntercepted(st, [this, v, request = st->held_request,
-                              response = std::move(response)](const CallOptions& opts) {
-          return interceptor_->RecoverStatus(v, request, response, opts);
-        })) {
-      return;
-    }
+    auto repair = interception_->RepairIfMiss(st->info.version, st->held_request, message);
+    if (repair && StartIntercepted(st, std::move(repair))) return;
   }
   st->hold_response = false;
   SubmitResponse(st);
@@ -1121,64 +1078,52 @@ void H2Relay::MaybeDelete(Stream* st) {
 
 bool H2Relay::StartIntercepted(Stream* st,
                                std::function<InterceptResult(const CallOptions&)> work) {
-  auto cancellation = std::make_shared<Cancellation>();
-  st->cancellation = cancellation;
-  CallOptions opts;
-  opts.deadline = DeadlineFrom(st->timeout);
+  InterceptedCall call;
+  call.serial = st->serial;
+  call.timeout = st->timeout;
   for (const Header& h : st->request_headers) {
-    if (ForwardableMetadata(h.name)) opts.metadata.emplace_back(h.name, h.value);
+    if (ForwardableMetadata(h.name)) call.metadata.emplace_back(h.name, h.value);
   }
-  opts.cancellation = cancellation.get();
-  st->worker = true;
-  const uint64_t serial = st->serial;
-  bool started =
-      workers_.Start([this, serial, cancellation, opts = std::move(opts), work = std::move(work)] {
-        InterceptResult r = work(opts);
-        {
-          std::lock_guard<std::mutex> lock(completions_mu_);
-          completions_.push_back({serial, std::move(r)});
-        }
-        Wake();
-      });
-  if (!started) st->worker = false;
-  return started;
+  call.cancellation = std::make_shared<Cancellation>();
+  st->cancellation = call.cancellation;
+  st->worker = interception_->Start(std::move(call), std::move(work));
+  return st->worker;
 }
 
 void H2Relay::OnCompletions() {
-  std::vector<Completion> done;
-  {
-    std::lock_guard<std::mutex> lock(completions_mu_);
-    done.swap(completions_);
-  }
-  for (Completion& c : done) {
+  for (CallInterception::Completion& c : interception_->TakeCompletions()) {
     auto it = streams_.find(c.serial);
     if (it == streams_.end()) continue;
     Stream* st = it->second;
     st->worker = false;
-    if (st->down && !st->response_started) {
-      const RpcStatus& s = c.result.status;
-      if (s.ok()) {
-        if (st->response_headers.empty()) {
-          st->response_headers = {{":status", "200"}, {"content-type", "application/grpc"}};
-        }
-        std::vector<Header> trailers = {{"grpc-status", "0"}};
-        for (Header& h : st->trailers) {
-          if (h.name.rfind("grpc-", 0) != 0) trailers.push_back(std::move(h));
-        }
-        st->trailers = std::move(trailers);
-        st->to_down.Clear();
-        st->to_down.Append(Frame(c.result.response));
-        st->grpc_status = 0;
-        st->response_ended = true;
-        st->hold_response = false;
-        SubmitResponse(st);
-      } else {
-        st->response_headers.clear();
-        FailCall(st, static_cast<int>(s.error_code()), s.error_message(), s.error_details());
-      }
-    }
+    if (st->down && !st->response_started) AnswerIntercepted(st, c.result);
     MaybeDelete(st);
   }
+}
+
+// A worker's result, as the call's answer: OK with its message (containerd's response headers
+// and non-gRPC trailers kept, for an ImageStatus), or its status.
+void H2Relay::AnswerIntercepted(Stream* st, const InterceptResult& result) {
+  const RpcStatus& s = result.status;
+  if (!s.ok()) {
+    st->response_headers.clear();
+    FailCall(st, static_cast<int>(s.error_code()), s.error_message(), s.error_details());
+    return;
+  }
+  if (st->response_headers.empty()) {
+    st->response_headers = {{":status", "200"}, {"content-type", "application/grpc"}};
+  }
+  std::vector<Header> trailers = {{"grpc-status", "0"}};
+  for (Header& h : st->trailers) {
+    if (h.name.rfind("grpc-", 0) != 0) trailers.push_back(std::move(h));
+  }
+  st->trailers = std::move(trailers);
+  st->to_down.Clear();
+  st->to_down.Append(Frame(result.response));
+  st->grpc_status = 0;
+  st->response_ended = true;
+  st->hold_response = false;
+  SubmitResponse(st);
 }
 
 // --- shutdown ------------------------------------------------------------------------------------
@@ -1242,7 +1187,7 @@ void H2Relay::Shutdown(std::chrono::milliseconds grace) {
     // Cancel what is left (which cancels their pulls, so workers end promptly).
     cancel_all_ = true;
     Wake();
-    workers_.CloseAndWait();
+    interception_->CloseAndWait();
     exit_ = true;
     Wake();
     if (loop_.joinable()) loop_.join();

@@ -25,13 +25,15 @@
 //   to the ImageInterceptor on a worker thread of its own (a pull), or to containerd with the
 //   response held until it is known to be a hit (forwarded as it came) or a miss (the
 //   interceptor may repair it on a worker). A compressed or malformed request is forwarded as
-//   the caller's bytes, unchanged.
+//   the caller's bytes, unchanged. The relay does the frames; CallInterception (intercept.h)
+//   the interceptor, its workers and their results.
 #pragma once
 
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -42,9 +44,10 @@
 
 #include "cri/cri_server.h"
 #include "cri/interceptor.h"
-#include "base/worker_threads.h"
 
 namespace registry_proxy {
+
+class CallInterception;
 
 class H2Relay final : public CriServer {
  public:
@@ -63,10 +66,6 @@ class H2Relay final : public CriServer {
  private:
   struct Stream;
   struct Session;
-  struct Completion {
-    uint64_t serial;
-    InterceptResult result;
-  };
   friend struct Callbacks;
 
   // Everything below runs on the loop thread unless it says otherwise.
@@ -96,16 +95,18 @@ class H2Relay final : public CriServer {
   void ResumeUp(Stream* st);
   void ResumeDown(Stream* st);
   void MaybeDelete(Stream* st);
-  // False when no worker can be had (at max_workers, or shutting down).
+  // Interception (intercept.h): hands the call to a worker; false when none can be had (at
+  // max_workers, or shutting down).
   bool StartIntercepted(Stream* st, std::function<InterceptResult(const CallOptions&)> work);
   void OnCompletions();
+  void AnswerIntercepted(Stream* st, const InterceptResult& result);
   void CancelEverything();
 
   // Any thread.
   void Wake();
 
   const ProxyOptions options_;
-  ImageInterceptor* const interceptor_;
+  const std::unique_ptr<CallInterception> interception_;  // PullImage and ImageStatus
   CallObserver* const observer_;
   std::string socket_path_;
   std::string upstream_path_;
@@ -127,9 +128,6 @@ class H2Relay final : public CriServer {
   size_t held_bytes_ = 0;  // intercepted requests' bytes held here, all calls together
   std::vector<uint8_t> read_buf_;
 
-  std::mutex completions_mu_;
-  std::vector<Completion> completions_;  // guarded by completions_mu_
-
   std::atomic<bool> started_{false};
   std::atomic<bool> stop_accepting_{false};
   std::atomic<bool> refusing_{false};  // after the drain: new calls get UNAVAILABLE
@@ -137,7 +135,6 @@ class H2Relay final : public CriServer {
   std::atomic<bool> exit_{false};
   std::atomic<int> active_calls_{0};
 
-  WorkerThreads workers_{options_.max_workers};
   std::once_flag shutdown_once_;
 };
 
