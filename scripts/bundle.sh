@@ -38,15 +38,30 @@ mkdir -p "$root/bin" "$root/lib"
 install -m 0755 "$bin" "$root/bin/registry-proxy"
 
 # ldd resolves the whole closure (transitive dependencies included) as the build host sees it.
-ldd_out=$(ldd "$bin") || die "ldd $bin failed"
 count=0
-while read -r name arrow path _; do
-  [ "$arrow" = "=>" ] || continue
-  is_glibc "$name" && continue
-  [ -n "$path" ] && [ -f "$path" ] || die "$name: not found on this machine ($arrow $path)"
-  install -m 0644 "$(readlink -f "$path")" "$root/lib/$name"
+bundle_closure() {  # ELF: copies it (unless it is the binary) and every library it needs
+  local ldd_out name arrow path
+  ldd_out=$(ldd "$1") || die "ldd $1 failed"
+  while read -r name arrow path _; do
+    [ "$arrow" = "=>" ] || continue
+    is_glibc "$name" && continue
+    [ -n "$path" ] && [ -f "$path" ] || die "$name: not found on this machine ($arrow $path)"
+    [ -f "$root/lib/$name" ] && continue
+    install -m 0644 "$(readlink -f "$path")" "$root/lib/$name"
+    count=$((count + 1))
+  done <<<"$ldd_out"
+}
+bundle_closure "$bin"
+# Loaded on first use with dlopen (ldd cannot see them): libcurl, by the first mirror probe
+# (daemon/src/pull/curl_lib.h). Found as the dynamic loader would find them.
+for soname in libcurl.so.4; do
+  path=$(/sbin/ldconfig -p | awk -v n="$soname" '$1 == n && /x86-64|x86_64|AArch64|aarch64/ {print $NF; exit}')
+  [ -n "$path" ] || path=$(/sbin/ldconfig -p | awk -v n="$soname" '$1 == n {print $NF; exit}')
+  [ -n "$path" ] && [ -f "$path" ] || die "$soname (loaded on demand) is not installed here"
+  install -m 0644 "$(readlink -f "$path")" "$root/lib/$soname"
   count=$((count + 1))
-done <<<"$ldd_out"
+  bundle_closure "$path"
+done
 
 if [ "${RP_BUNDLE_STRIP:-1}" = 1 ]; then
   strip --strip-debug "$root/bin/registry-proxy" "$root"/lib/*.so*

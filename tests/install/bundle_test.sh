@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The bundled binary runs on a host that has glibc and nothing else of ours: bundles BINARY
 # with scripts/bundle.sh, then
-#  1. every library it loads outside glibc resolves inside the bundle (ldd);
+#  1. every library it loads outside glibc resolves inside the bundle (ldd), and so does
+#     libcurl, which it loads on the first probe;
 #  2. in a chroot holding only glibc and the bundle (no libstdc++, no gRPC, no OpenSSL...):
 #     --version, check-config (good and bad file, the error keeps line:column), and `serve`
 #     answering a CRI call on its socket (gRPC really works), stopped by PID with SIGTERM.
@@ -27,11 +28,19 @@ b=$tmp/dist/opt/registry-proxy
   fail "RUNPATH is $(patchelf --print-rpath "$b/bin/registry-proxy")"
 
 # 1. ldd: everything but glibc comes from the bundle.
-bad=$(ldd "$b/bin/registry-proxy" | awk -v lib="$b/lib/" '
-  $2 == "=>" { gsub("/bin/[.][.]/", "/", $3) }
-  $2 == "=>" && $1 !~ /^(libc|libm|libpthread|libdl|librt|libresolv)\.so/ && index($3, lib) != 1 { print }
-  /not found/ { print }')
+outside() {  # ELF: the libraries it loads from outside the bundle (glibc aside)
+  ldd "$1" | awk -v lib="$b/lib/" '
+    $2 == "=>" { gsub("/bin/[.][.]/", "/", $3) }
+    $2 == "=>" && $1 !~ /^(libc|libm|libpthread|libdl|librt|libresolv)\.so/ && index($3, lib) != 1 { print }
+    /not found/ { print }'
+}
+bad=$(outside "$b/bin/registry-proxy")
 [ -z "$bad" ] || fail "libraries outside the bundle:"$'\n'"$bad"
+# libcurl is loaded by the first mirror probe (dlopen), so ldd of the binary does not list it.
+[ -f "$b/lib/libcurl.so.4" ] || fail "libcurl.so.4 (loaded on the first probe) is not bundled"
+! ldd "$b/bin/registry-proxy" | grep -q libcurl || fail "the binary links libcurl at start"
+bad=$(outside "$b/lib/libcurl.so.4")
+[ -z "$bad" ] || fail "libcurl's libraries outside the bundle:"$'\n'"$bad"
 nlibs=$(ls "$b/lib" | wc -l)
 [ "$nlibs" -gt 10 ] || fail "only $nlibs libraries bundled"
 ls "$b/lib" | grep -q '^libstdc++' || fail "libstdc++ not bundled"

@@ -1,11 +1,11 @@
 #include "pull/probe.h"
 
-#include <curl/curl.h>
-
 #include <algorithm>
 #include <cstring>
 #include <memory>
 #include <mutex>
+
+#include "pull/curl_lib.h"
 
 namespace registry_proxy {
 namespace {
@@ -13,16 +13,13 @@ namespace {
 using SteadyClock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
-void InitCurlOnce() {
-  static std::once_flag once;
-  std::call_once(once, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
-}
-
 struct EasyDeleter {
-  void operator()(CURL* c) const { curl_easy_cleanup(c); }
+  const CurlLib* lib;
+  void operator()(CURL* c) const { lib->easy_cleanup(c); }
 };
 struct MultiDeleter {
-  void operator()(CURLM* m) const { curl_multi_cleanup(m); }
+  const CurlLib* lib;
+  void operator()(CURLM* m) const { lib->multi_cleanup(m); }
 };
 
 // The body is not needed: the first byte of it ends the transfer (the status is known by then).
@@ -34,8 +31,8 @@ std::string Lower(std::string s) {
 }
 
 // Why a transfer that got no HTTP answer failed, in a few words.
-std::string Describe(CURLcode rc, const char* errbuf, long os_errno) {
-  const std::string err = *errbuf != '\0' ? errbuf : curl_easy_strerror(rc);
+std::string Describe(const CurlLib& curl, CURLcode rc, const char* errbuf, long os_errno) {
+  const std::string err = *errbuf != '\0' ? errbuf : curl.easy_strerror(rc);
   std::string out;
   switch (rc) {
     case CURLE_UNSUPPORTED_PROTOCOL:
@@ -55,23 +52,23 @@ std::string Describe(CURLcode rc, const char* errbuf, long os_errno) {
 }
 
 // Sets up one GET of target through `proxy` ("" = direct), bounded by `budget`.
-void Configure(CURL* c, const std::string& url, const std::string& proxy, milliseconds budget,
-               char* errbuf) {
-  curl_easy_setopt(c, CURLOPT_URL, url.c_str());
-  curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
-  curl_easy_setopt(c, CURLOPT_PROXY, proxy.c_str());  // "" = no proxy, whatever the env says
-  curl_easy_setopt(c, CURLOPT_NOPROXY, "");           // the env's no_proxy is not read either
-  curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(budget.count()));
-  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(budget.count()));
-  curl_easy_setopt(c, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_1_1);
-  curl_easy_setopt(c, CURLOPT_USERAGENT, "registry-proxy-probe");  // how registries tell probes
-  curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 0L);                 // see probe.h
-  curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 0L);
-  curl_easy_setopt(c, CURLOPT_SSLVERSION, CURL_SSLVERSION_TLSv1_2);
-  curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
-  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, DiscardBody);
-  curl_easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
+void Configure(const CurlLib& curl, CURL* c, const std::string& url, const std::string& proxy,
+               milliseconds budget, char* errbuf) {
+  curl.easy_setopt(c, CURLOPT_URL, url.c_str());
+  curl.easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+  curl.easy_setopt(c, CURLOPT_PROXY, proxy.c_str());  // "" = no proxy, whatever the env says
+  curl.easy_setopt(c, CURLOPT_NOPROXY, "");           // the env's no_proxy is not read either
+  curl.easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+  curl.easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(budget.count()));
+  curl.easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(budget.count()));
+  curl.easy_setopt(c, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_1_1);
+  curl.easy_setopt(c, CURLOPT_USERAGENT, "registry-proxy-probe");  // how registries tell probes
+  curl.easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 0L);                 // see probe.h
+  curl.easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 0L);
+  curl.easy_setopt(c, CURLOPT_SSLVERSION, CURL_SSLVERSION_TLSv1_2);
+  curl.easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
+  curl.easy_setopt(c, CURLOPT_WRITEFUNCTION, DiscardBody);
+  curl.easy_setopt(c, CURLOPT_ERRORBUFFER, errbuf);
 }
 
 // The proxy URL without its user:password@, for logs.
@@ -97,16 +94,24 @@ ProbeResult ProbeWithProxyEnv(const ProbeTarget& target, const ProxyEnv& env,
     r.detail = timed_out;
     return r;
   }
-  InitCurlOnce();
-  std::unique_ptr<CURL, EasyDeleter> easy(curl_easy_init());
-  std::unique_ptr<CURLM, MultiDeleter> multi(curl_multi_init());
+  std::string load_error;
+  const CurlLib* curl = LoadCurl(&load_error);
+  if (curl == nullptr) {
+    // Without libcurl there is no probe; the pull attempt itself will tell whether the mirror
+    // answers, so the mirror is not called dead for our own missing library.
+    r.alive = true;
+    r.detail = "not probed: " + load_error;
+    return r;
+  }
+  std::unique_ptr<CURL, EasyDeleter> easy(curl->easy_init(), EasyDeleter{curl});
+  std::unique_ptr<CURLM, MultiDeleter> multi(curl->multi_init(), MultiDeleter{curl});
   if (!easy || !multi) {
     r.detail = "libcurl initialisation failed";
     return r;
   }
   char errbuf[CURL_ERROR_SIZE] = "";
-  Configure(easy.get(), target.Url(), proxy, budget, errbuf);
-  curl_multi_add_handle(multi.get(), easy.get());
+  Configure(*curl, easy.get(), target.Url(), proxy, budget, errbuf);
+  curl->multi_add_handle(multi.get(), easy.get());
   // Driven here (not curl_easy_perform) so that `stop` ends it within 50 ms.
   int running = 1;
   CURLcode rc = CURLE_OK;
@@ -116,19 +121,19 @@ ProbeResult ProbeWithProxyEnv(const ProbeTarget& target, const ProxyEnv& env,
       stopped = true;
       break;
     }
-    curl_multi_perform(multi.get(), &running);
-    if (running > 0) curl_multi_poll(multi.get(), nullptr, 0, 50, nullptr);
+    curl->multi_perform(multi.get(), &running);
+    if (running > 0) curl->multi_poll(multi.get(), nullptr, 0, 50, nullptr);
   }
   int left = 0;
   if (!stopped) {
-    while (CURLMsg* m = curl_multi_info_read(multi.get(), &left)) {
+    while (CURLMsg* m = curl->multi_info_read(multi.get(), &left)) {
       if (m->msg == CURLMSG_DONE) rc = m->data.result;
     }
   }
   long status = 0, os_errno = 0;
-  curl_easy_getinfo(easy.get(), CURLINFO_RESPONSE_CODE, &status);
-  curl_easy_getinfo(easy.get(), CURLINFO_OS_ERRNO, &os_errno);
-  curl_multi_remove_handle(multi.get(), easy.get());
+  curl->easy_getinfo(easy.get(), CURLINFO_RESPONSE_CODE, &status);
+  curl->easy_getinfo(easy.get(), CURLINFO_OS_ERRNO, &os_errno);
+  curl->multi_remove_handle(multi.get(), easy.get());
   if (stopped) {
     r.detail = "probe stopped";
   } else if (status > 0 && (rc == CURLE_OK || rc == CURLE_WRITE_ERROR)) {
@@ -138,7 +143,7 @@ ProbeResult ProbeWithProxyEnv(const ProbeTarget& target, const ProxyEnv& env,
   } else if (rc == CURLE_OPERATION_TIMEDOUT) {
     r.detail = timed_out;
   } else {
-    r.detail = Describe(rc, errbuf, os_errno);
+    r.detail = Describe(*curl, rc, errbuf, os_errno);
   }
   if (!r.proxy.empty() && !stopped) r.detail += " (via proxy " + r.proxy + ")";
   return r;

@@ -21,6 +21,8 @@
 #include <thread>
 #include <vector>
 
+#include "pull/curl_lib.h"
+
 namespace registry_proxy {
 namespace {
 
@@ -154,6 +156,29 @@ std::string ReadFile(const std::string& path) {
 
 // ---------------------------------------------------------------------------------------------
 // Answers
+
+bool MapsLibcurl() {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line)) {
+    if (line.find("/libcurl.so") != std::string::npos) return true;
+  }
+  return false;
+}
+
+// First in this file: ctest runs each case in a process of its own, so nothing has probed yet.
+TEST(ProbeTest, LibcurlIsLoadedByTheFirstProbeNotAtStart) {
+  ASSERT_FALSE(MapsLibcurl()) << "libcurl was in the process before any probe";
+  EXPECT_FALSE(CurlLoaded());
+  LoopbackServer server([](int fd) {
+    ReadRequest(fd);
+    Answer(fd, "HTTP/1.1 200 OK");
+  });
+  ProbeResult r = ProbeFor(server.Target(), milliseconds(2000));
+  EXPECT_TRUE(r.alive) << r.detail;
+  EXPECT_TRUE(CurlLoaded());
+  EXPECT_TRUE(MapsLibcurl());
+}
 
 TEST(ProbeTest, AnswersBelow500AreAliveFromThe500sDead) {
   std::string seen;
