@@ -74,25 +74,6 @@ std::string ContainerdFilterValue(std::string_view value) {
   return out + "\"";
 }
 
-std::shared_ptr<grpc::Channel> MakeUpstreamChannel(const std::string& endpoint,
-                                                   int max_message_bytes) {
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(max_message_bytes);
-  args.SetMaxSendMessageSize(max_message_bytes);
-  // containerd restarts take seconds; come back within one of it being up again.
-  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-  // Also gRPC's minimum connect timeout (the time an attempt has to receive the peer's SETTINGS
-  // frame): at 100 ms a containerd slow to answer (starting, busy) failed pulls with "connection
-  // attempt timed out before receiving SETTINGS frame". Calls keep their own deadlines.
-  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 20000);
-  // No retry machinery: it buffers every call's send ops in case it must replay them, and the
-  // proxy must not replay anyway (the caller, kubelet, decides that).
-  args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
-  std::string target = endpoint.rfind("unix:", 0) == 0 ? endpoint : "unix://" + endpoint;
-  return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
-}
-
 std::shared_ptr<RpcChannel> MakeContainerdChannel(const std::string& endpoint,
                                                   int max_message_bytes) {
   RpcChannelOptions o;

@@ -6,8 +6,6 @@
 // concurrently from any thread (each call is its own stream; the channel is shared).
 #pragma once
 
-#include <grpcpp/grpcpp.h>
-
 #include <chrono>
 #include <functional>
 #include <memory>
@@ -21,12 +19,6 @@ namespace registry_proxy {
 
 // `value` as a quoted value in containerd's filter syntax (`name==<this>`): `\` and `"` escaped.
 std::string ContainerdFilterValue(std::string_view value);
-
-// A channel to the upstream CRI socket, tuned for a local peer that restarts: reconnect
-// within a second, not gRPC's default two minutes. (gRPC's library: for the clients not yet on
-// RpcChannel.)
-std::shared_ptr<grpc::Channel> MakeUpstreamChannel(const std::string& endpoint,
-                                                   int max_message_bytes);
 
 // The daemon's channel to containerd ("unix:///path" or "/path"): RpcChannel connects on first
 // use and again on the first call after containerd went away, so a restart costs the calls in

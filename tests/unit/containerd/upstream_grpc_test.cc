@@ -5,6 +5,7 @@
 #include "containerd/upstream_grpc.h"
 
 #include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/grpcpp.h>  // the fake containerd
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
