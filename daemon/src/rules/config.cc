@@ -1,10 +1,5 @@
-// The config loader: bytes -> checked YAML tree -> schema walk -> Policy.
-//
-// yaml-cpp's YAML::Load hides what a strict loader needs (it keeps only the first of duplicate
-// keys on lookup, cannot say whether a node came from an alias, and recurses as deep as the
-// input nests), so the loader builds its own small tree from yaml-cpp's parser events. The
-// event handler stops the parser at a nesting limit, rejects recursive aliases, and counts
-// how far aliases expand the document, before the schema walk looks at anything.
+// The config loader: bytes -> checked YAML tree (yaml_tree.h) -> schema walk (here) -> Policy;
+// the walk checks values with the validators (config_validators.h).
 //
 // The walk collects every error it can find (with line, column and field path) and only
 // builds a Config when there are none.
@@ -12,10 +7,6 @@
 
 #include <openssl/evp.h>
 #include <spdlog/spdlog.h>
-#include <yaml-cpp/eventhandler.h>
-#include <yaml-cpp/exceptions.h>
-#include <yaml-cpp/mark.h>
-#include <yaml-cpp/parser.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -30,20 +21,16 @@
 
 #include "base/file_util.h"
 #include "base/string_util.h"
+#include "rules/config_text.h"
+#include "rules/config_validators.h"
+#include "rules/yaml_tree.h"
 
 namespace registry_proxy {
+namespace config_internal {
 namespace {
 
-// A ConfigMap holds at most 1 MiB; nothing legitimate comes close.
-constexpr size_t kMaxConfigBytes = size_t{1} << 20;
-// The schema nests about six levels; yaml-cpp recurses once (or more) per level.
-constexpr size_t kMaxDepth = 64;
-// Aliases may share a mirror list between rules, but not multiply the document (alias bombs).
-constexpr uint64_t kMaxAliasNodes = 100000;
 // A megabyte of nonsense should not produce a megabyte of errors.
 constexpr size_t kMaxErrors = 100;
-// sizeof(sockaddr_un::sun_path) on Linux, minus the terminating NUL.
-constexpr size_t kMaxUnixPath = 107;
 
 constexpr std::string_view kTagStr = "tag:yaml.org,2002:str";
 constexpr std::string_view kTagBool = "tag:yaml.org,2002:bool";
@@ -51,496 +38,6 @@ constexpr std::string_view kTagInt = "tag:yaml.org,2002:int";
 constexpr std::string_view kTagFloat = "tag:yaml.org,2002:float";
 constexpr std::string_view kTagSeq = "tag:yaml.org,2002:seq";
 constexpr std::string_view kTagMap = "tag:yaml.org,2002:map";
-
-struct Pos {
-  int line = 0;  // 1-based; 0 = unknown
-  int column = 0;
-};
-
-Pos ToPos(const YAML::Mark& m) {
-  if (m.is_null() || m.line < 0) return {};
-  return {m.line + 1, m.column < 0 ? 0 : m.column + 1};
-}
-
-// Text on one line: newlines as \n, other control characters hex-escaped. Messages from other
-// modules may quote input raw; ErrorText is one line per error.
-std::string OneLine(std::string_view s) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  out.reserve(s.size());
-  for (char ch : s) {
-    const auto c = static_cast<unsigned char>(ch);
-    if (c == '\n') {
-      out += "\\n";
-    } else if (c < 0x20 || c == 0x7f) {
-      out += "\\x";
-      out.push_back(kHex[c >> 4]);
-      out.push_back(kHex[c & 0xf]);
-    } else {
-      out.push_back(ch);
-    }
-  }
-  return out;
-}
-
-// Text from the file, on one line (control characters escaped) and capped at 80 bytes, so a
-// megabyte of garbage yields a short error.
-constexpr size_t kMaxQuoted = 80;
-std::string Escape(std::string_view s) {
-  // Cut on a character boundary: the input is UTF-8 and messages must stay UTF-8 (JSON).
-  size_t n = std::min(s.size(), kMaxQuoted);
-  while (n < s.size() && n > 0 && (static_cast<unsigned char>(s[n]) & 0xc0) == 0x80) --n;
-  return OneLine(s.substr(0, n));
-}
-
-// A value for a message: 'value', or 'value...'...(N bytes) when long.
-std::string Quote(std::string_view s) {
-  std::string out = "'" + Escape(s) + "'";
-  if (s.size() > kMaxQuoted) out += "...(" + std::to_string(s.size()) + " bytes)";
-  return out;
-}
-
-bool IsLower(char c) { return c >= 'a' && c <= 'z'; }
-bool IsUpper(char c) { return c >= 'A' && c <= 'Z'; }
-bool IsDigit(char c) { return c >= '0' && c <= '9'; }
-bool IsAlnum(char c) { return IsLower(c) || IsUpper(c) || IsDigit(c); }
-bool HasUpper(std::string_view s) { return std::any_of(s.begin(), s.end(), IsUpper); }
-bool HasSpace(std::string_view s) { return s.find_first_of(" \t\r\n") != std::string_view::npos; }
-
-char ToLower(char c) { return IsUpper(c) ? static_cast<char>(c - 'A' + 'a') : c; }
-
-// Optimal string alignment distance (Levenshtein plus adjacent transpositions), ignoring
-// case, so "excludenamespaces", "exclude_namespaces" and "enabeld" all find their key.
-size_t EditDistance(std::string_view a, std::string_view b) {
-  const size_t n = a.size(), m = b.size();
-  std::vector<std::vector<size_t>> d(n + 1, std::vector<size_t>(m + 1));
-  for (size_t i = 0; i <= n; ++i) d[i][0] = i;
-  for (size_t j = 0; j <= m; ++j) d[0][j] = j;
-  for (size_t i = 1; i <= n; ++i) {
-    for (size_t j = 1; j <= m; ++j) {
-      const size_t cost = ToLower(a[i - 1]) == ToLower(b[j - 1]) ? 0 : 1;
-      d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost});
-      if (i > 1 && j > 1 && ToLower(a[i - 1]) == ToLower(b[j - 2]) &&
-          ToLower(a[i - 2]) == ToLower(b[j - 1])) {
-        d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
-      }
-    }
-  }
-  return d[n][m];
-}
-
-// The closest of `known` within distance 2, or "".
-std::string_view Suggest(std::string_view word, const std::vector<std::string_view>& known) {
-  // Keys are short; a long word is not a typo of one (and would make the table large).
-  if (word.size() > 64) return {};
-  std::string_view best;
-  size_t best_d = 3;
-  for (std::string_view k : known) {
-    const size_t d = EditDistance(word, k);
-    if (d < best_d) best_d = d, best = k;
-  }
-  return best;
-}
-
-// Puts "what 'value'" in front of a message from another module unless it already names it.
-std::string About(std::string_view what, std::string_view value, const std::string& msg) {
-  if (!value.empty() && msg.find(value) != std::string::npos) return msg;
-  return StrCat({what, " ", Quote(value), ": ", msg});
-}
-
-// ---------------------------------------------------------------------------------------------
-// Text checks before YAML: size and encoding.
-
-struct TextProblem {
-  Pos pos;
-  std::string message;
-};
-
-std::string TooBig(size_t size) {
-  return "config is " + std::to_string(size) + " bytes; the limit is " +
-         std::to_string(kMaxConfigBytes) + " bytes (1 MiB)";
-}
-
-// yaml-cpp guesses encodings and quietly replaces bad bytes; a config must be UTF-8 text.
-std::optional<TextProblem> CheckText(std::string_view s) {
-  if (s.size() >= 2 && ((s[0] == '\xfe' && s[1] == '\xff') || (s[0] == '\xff' && s[1] == '\xfe'))) {
-    return TextProblem{{1, 1},
-                       "config is UTF-16 (it starts with a byte order mark); save it as "
-                       "UTF-8"};
-  }
-  int line = 1, col = 1;
-  size_t i = 0;
-  while (i < s.size()) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    if (c == '\n') {
-      ++line, col = 1, ++i;
-      continue;
-    }
-    if (c < 0x80) {
-      if ((c < 0x20 && c != '\t' && c != '\r') || c == 0x7f) {
-        static constexpr char kHex[] = "0123456789ABCDEF";
-        std::string code = "U+00";
-        code.push_back(kHex[c >> 4]);
-        code.push_back(kHex[c & 0xf]);
-        return TextProblem{{line, col}, "control character " + code + " is not allowed"};
-      }
-      ++i, ++col;
-      continue;
-    }
-    size_t len = 0;
-    uint32_t cp = 0;
-    if ((c & 0xe0) == 0xc0) {
-      len = 2, cp = c & 0x1f;
-    } else if ((c & 0xf0) == 0xe0) {
-      len = 3, cp = c & 0x0f;
-    } else if ((c & 0xf8) == 0xf0) {
-      len = 4, cp = c & 0x07;
-    }
-    bool ok = len != 0 && i + len <= s.size();
-    for (size_t k = 1; ok && k < len; ++k) {
-      const auto cc = static_cast<unsigned char>(s[i + k]);
-      ok = (cc & 0xc0) == 0x80;
-      cp = (cp << 6) | (cc & 0x3f);
-    }
-    // Overlong forms, surrogates and values past U+10FFFF are not UTF-8 either.
-    if (ok) {
-      ok = !((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) ||
-             (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) || (cp >= 0xd800 && cp <= 0xdfff));
-    }
-    if (!ok) return TextProblem{{line, col}, "config is not valid UTF-8"};
-    i += len, ++col;
-  }
-  return std::nullopt;
-}
-
-// ---------------------------------------------------------------------------------------------
-// The YAML tree.
-
-struct Node {
-  enum class Kind { kNull, kScalar, kSequence, kMap };
-  Kind kind = Kind::kNull;
-  Pos pos;
-  std::string tag;    // "?" plain scalar or untagged collection, "!" quoted scalar, or a tag
-  std::string value;  // scalars
-  // Sequence items; for a map, keys and values alternating. Aliases share nodes.
-  std::vector<const Node*> children;
-  bool open = false;      // a collection still being parsed
-  uint64_t expanded = 1;  // nodes in this subtree with every alias expanded (saturating)
-};
-
-// Thrown from the event handler to stop yaml-cpp; no yaml-cpp frame catches it.
-struct StopParsing {
-  Pos pos;
-  std::string message;
-};
-
-class TreeBuilder final : public YAML::EventHandler {
- public:
-  const Node* root() const { return root_; }
-  size_t node_count() const { return nodes_.size(); }
-  Pos document_pos() const { return document_pos_; }
-
-  void OnDocumentStart(const YAML::Mark& mark) override { document_pos_ = ToPos(mark); }
-  void OnDocumentEnd() override {}
-  void OnNull(const YAML::Mark& mark, YAML::anchor_t anchor) override {
-    Finish(New(Node::Kind::kNull, mark, ""), anchor);
-  }
-  void OnAlias(const YAML::Mark& mark, YAML::anchor_t anchor) override {
-    auto it = anchors_.find(anchor);
-    if (it == anchors_.end()) throw StopParsing{ToPos(mark), "alias to an unknown anchor"};
-    if (it->second->open) {
-      throw StopParsing{ToPos(mark), "recursive alias: it refers to a collection that contains it"};
-    }
-    Attach(it->second);
-  }
-  void OnScalar(const YAML::Mark& mark, const std::string& tag, YAML::anchor_t anchor,
-                const std::string& value) override {
-    Node* n = New(Node::Kind::kScalar, mark, tag);
-    n->value = value;
-    Finish(n, anchor);
-  }
-  void OnSequenceStart(const YAML::Mark& mark, const std::string& tag, YAML::anchor_t anchor,
-                       YAML::EmitterStyle::value /*style*/) override {
-    Open(Node::Kind::kSequence, mark, tag, anchor);
-  }
-  void OnSequenceEnd() override { Close(); }
-  void OnMapStart(const YAML::Mark& mark, const std::string& tag, YAML::anchor_t anchor,
-                  YAML::EmitterStyle::value /*style*/) override {
-    Open(Node::Kind::kMap, mark, tag, anchor);
-  }
-  void OnMapEnd() override { Close(); }
-
- private:
-  static constexpr uint64_t kSaturated = uint64_t{1} << 62;
-
-  Node* New(Node::Kind kind, const YAML::Mark& mark, const std::string& tag) {
-    Node& n = nodes_.emplace_back();
-    n.kind = kind;
-    n.pos = ToPos(mark);
-    n.tag = tag;
-    return &n;
-  }
-  void Register(YAML::anchor_t anchor, Node* n) {
-    if (anchor != YAML::NullAnchor) anchors_[anchor] = n;
-  }
-  void Finish(Node* n, YAML::anchor_t anchor) {
-    Register(anchor, n);
-    Attach(n);
-  }
-  // The depth check runs before yaml-cpp descends further, so its recursion stays shallow.
-  void Open(Node::Kind kind, const YAML::Mark& mark, const std::string& tag,
-            YAML::anchor_t anchor) {
-    if (stack_.size() >= kMaxDepth) {
-      throw StopParsing{ToPos(mark), "nesting is deeper than " + std::to_string(kMaxDepth) +
-                                         " levels; a registry-proxy config needs fewer than 10"};
-    }
-    Node* n = New(kind, mark, tag);
-    n->open = true;
-    Register(anchor, n);
-    stack_.push_back(n);
-  }
-  void Close() {
-    if (stack_.empty()) return;
-    Node* n = stack_.back();
-    stack_.pop_back();
-    n->open = false;
-    Attach(n);
-  }
-  void Attach(const Node* n) {
-    if (stack_.empty()) {
-      if (!root_) root_ = n;
-      return;
-    }
-    Node* parent = stack_.back();
-    parent->children.push_back(n);
-    parent->expanded = std::min(kSaturated, parent->expanded + n->expanded);
-  }
-
-  std::deque<Node> nodes_;  // stable addresses
-  std::vector<Node*> stack_;
-  std::unordered_map<YAML::anchor_t, Node*> anchors_;
-  const Node* root_ = nullptr;
-  Pos document_pos_;
-};
-
-// YAML 1.2 core schema resolution of plain scalars (yaml-cpp reports nulls separately).
-bool IsCoreBool(std::string_view v) {
-  return v == "true" || v == "True" || v == "TRUE" || v == "false" || v == "False" || v == "FALSE";
-}
-bool IsTrue(std::string_view v) { return v == "true" || v == "True" || v == "TRUE"; }
-// YAML 1.1 booleans: plain strings in YAML 1.2, a classic source of surprises.
-bool IsYaml11Bool(std::string_view v) {
-  static constexpr std::string_view kWords[] = {"y",  "Y",   "yes", "Yes", "YES", "n",
-                                                "N",  "no",  "No",  "NO",  "on",  "On",
-                                                "ON", "off", "Off", "OFF"};
-  return std::find(std::begin(kWords), std::end(kWords), v) != std::end(kWords);
-}
-bool IsCoreNumber(std::string_view v) {
-  if (v == ".inf" || v == ".Inf" || v == ".INF" || v == "-.inf" || v == "-.Inf" || v == "-.INF" ||
-      v == "+.inf" || v == "+.Inf" || v == "+.INF" || v == ".nan" || v == ".NaN" || v == ".NAN") {
-    return true;
-  }
-  if (v.size() > 2 && v[0] == '0' && (v[1] == 'x' || v[1] == 'o')) {
-    const bool hex = v[1] == 'x';
-    return std::all_of(v.begin() + 2, v.end(), [&](char c) {
-      return hex ? (IsDigit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'))
-                 : (c >= '0' && c <= '7');
-    });
-  }
-  size_t i = 0;
-  if (i < v.size() && (v[i] == '-' || v[i] == '+')) ++i;
-  size_t digits = 0;
-  while (i < v.size() && IsDigit(v[i])) ++i, ++digits;
-  if (i < v.size() && v[i] == '.') {
-    ++i;
-    while (i < v.size() && IsDigit(v[i])) ++i, ++digits;
-  }
-  if (digits == 0) return false;
-  if (i < v.size() && (v[i] == 'e' || v[i] == 'E')) {
-    ++i;
-    if (i < v.size() && (v[i] == '-' || v[i] == '+')) ++i;
-    size_t exp = 0;
-    while (i < v.size() && IsDigit(v[i])) ++i, ++exp;
-    if (exp == 0) return false;
-  }
-  return i == v.size();
-}
-
-bool IsPlain(const Node& n) { return n.tag == "?"; }
-
-// "a list", "the string 'x'", ...: what the file has where something else was expected.
-std::string Describe(const Node& n) {
-  switch (n.kind) {
-    case Node::Kind::kNull:
-      return "no value";
-    case Node::Kind::kSequence:
-      return "a list";
-    case Node::Kind::kMap:
-      return "a map";
-    case Node::Kind::kScalar:
-      break;
-  }
-  if (!IsPlain(n)) return "the string " + Quote(n.value);
-  if (IsCoreBool(n.value)) return "the boolean " + n.value;
-  if (IsCoreNumber(n.value)) return "the number " + n.value;
-  return Quote(n.value);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Field-level validators for the `node:` settings.
-
-// "unix:///run/x.sock" or "/run/x.sock" -> "unix:///run/x.sock".
-Result<std::string> SocketAddress(std::string_view s) {
-  constexpr std::string_view kUnix = "unix://";
-  std::string_view path = s;
-  if (s.substr(0, kUnix.size()) == kUnix) {
-    path = s.substr(kUnix.size());
-  } else if (s.find("://") != std::string_view::npos) {
-    return Status::Error(Quote(s) +
-                         " is not a unix socket; write unix:///path/to.sock or an "
-                         "absolute path");
-  }
-  if (path.empty() || path[0] != '/') {
-    return Status::Error(Quote(s) +
-                         " must be an absolute socket path: unix:///path/to.sock "
-                         "(three slashes) or /path/to.sock");
-  }
-  if (path.size() > kMaxUnixPath) {
-    return Status::Error("socket path " + Quote(path) + " is longer than " +
-                         std::to_string(kMaxUnixPath) + " bytes, the limit for unix sockets");
-  }
-  return StrCat({kUnix, path});
-}
-
-// containerd's identifier rule: alphanumeric runs joined by single '.', '_' or '-'; <= 76.
-Status ContainerdNamespace(std::string_view s) {
-  bool ok = !s.empty() && s.size() <= 76 && IsAlnum(s.front()) && IsAlnum(s.back());
-  for (size_t i = 0; ok && i < s.size(); ++i) {
-    const char c = s[i];
-    const bool sep = c == '.' || c == '_' || c == '-';
-    ok = IsAlnum(c) || (sep && IsAlnum(s[i + 1]));
-  }
-  if (ok) return Status::Ok();
-  return Status::Error("containerd namespace " + Quote(s) +
-                       " is invalid: use letters, digits and single '.', '_' or '-' between "
-                       "them, at most 76 characters (the one CRI uses is 'k8s.io')");
-}
-
-// "" or host:port, with a numeric port 1..65535; IPv6 hosts in brackets.
-Status ListenAddress(std::string_view s) {
-  if (s.empty()) return Status::Ok();
-  auto fail = [&](std::string_view why) {
-    return Status::Error(StrCat({"address ", Quote(s), " ", why,
-                                 " (write host:port, e.g. '127.0.0.1:9464' or '[::1]:9464', or '' "
-                                 "to turn metrics off)"}));
-  };
-  std::string_view host, port;
-  if (s.front() == '[') {
-    const size_t close = s.find(']');
-    if (close == std::string_view::npos || close + 1 >= s.size() || s[close + 1] != ':') {
-      return fail("has a bracketed host without ]:port");
-    }
-    host = s.substr(1, close - 1);
-    port = s.substr(close + 2);
-    const bool ok = !host.empty() && std::all_of(host.begin(), host.end(), [](char c) {
-      return IsDigit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F') || c == ':' || c == '.';
-    });
-    if (!ok) return fail("has a bad IPv6 address");
-  } else {
-    const size_t colon = s.rfind(':');
-    if (colon == std::string_view::npos) return fail("has no port");
-    host = s.substr(0, colon);
-    port = s.substr(colon + 1);
-    if (host.find(':') != std::string_view::npos) return fail("has an IPv6 host without brackets");
-    if (host.empty()) return fail("has no host (0.0.0.0 listens on every interface)");
-    const bool ok = std::all_of(host.begin(), host.end(),
-                                [](char c) { return IsAlnum(c) || c == '.' || c == '-'; });
-    if (!ok) return fail("has a bad host");
-  }
-  if (port.empty() || port.size() > 5 || !std::all_of(port.begin(), port.end(), IsDigit)) {
-    return fail("needs a numeric port");
-  }
-  const int p = std::stoi(std::string(port));
-  if (p < 1 || p > 65535) return fail("has a port outside 1..65535");
-  return Status::Ok();
-}
-
-// A Kubernetes namespace name: a DNS-1123 label.
-Status NamespaceName(std::string_view s) {
-  bool ok = !s.empty() && s.size() <= 63 && (IsLower(s.front()) || IsDigit(s.front())) &&
-            (IsLower(s.back()) || IsDigit(s.back()));
-  ok = ok &&
-       std::all_of(s.begin(), s.end(), [](char c) { return IsLower(c) || IsDigit(c) || c == '-'; });
-  if (ok) return Status::Ok();
-  return Status::Error("namespace " + Quote(s) +
-                       " is not a valid namespace name: lowercase letters, digits and '-', "
-                       "starting and ending with a letter or digit, at most 63 characters");
-}
-
-// Kubernetes label name/value: [A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?, <= 63.
-bool IsLabelName(std::string_view s) {
-  if (s.empty() || s.size() > 63 || !IsAlnum(s.front()) || !IsAlnum(s.back())) return false;
-  return std::all_of(s.begin(), s.end(),
-                     [](char c) { return IsAlnum(c) || c == '-' || c == '_' || c == '.'; });
-}
-
-// A DNS-1123 subdomain (label key prefix).
-bool IsDnsSubdomain(std::string_view s) {
-  if (s.empty() || s.size() > 253) return false;
-  size_t start = 0;
-  while (true) {
-    const size_t dot = s.find('.', start);
-    std::string_view part = s.substr(start, dot == std::string_view::npos ? s.npos : dot - start);
-    if (part.empty() || part.size() > 63 || !(IsLower(part.front()) || IsDigit(part.front())) ||
-        !(IsLower(part.back()) || IsDigit(part.back())) ||
-        !std::all_of(part.begin(), part.end(),
-                     [](char c) { return IsLower(c) || IsDigit(c) || c == '-'; })) {
-      return false;
-    }
-    if (dot == std::string_view::npos) return true;
-    start = dot + 1;
-  }
-}
-
-Status LabelKey(std::string_view key) {
-  const size_t slash = key.find('/');
-  bool ok = slash == std::string_view::npos
-                ? IsLabelName(key)
-                : IsDnsSubdomain(key.substr(0, slash)) && IsLabelName(key.substr(slash + 1));
-  if (ok) return Status::Ok();
-  return Status::Error("label key " + Quote(key) +
-                       " is invalid: an optional DNS prefix and '/', then at most 63 letters, "
-                       "digits, '-', '_' or '.', starting and ending with a letter or digit");
-}
-
-Status LabelValue(std::string_view value) {
-  if (value.empty() || IsLabelName(value)) return Status::Ok();
-  return Status::Error("label value " + Quote(value) +
-                       " is invalid: at most 63 letters, digits, '-', '_' or '.', starting and "
-                       "ending with a letter or digit");
-}
-
-// A registry host by the reference grammar's rule for the first path component.
-bool LooksLikeHost(std::string_view first) {
-  return first.find_first_of(".:") != std::string_view::npos || first == "localhost";
-}
-
-// Would pulls rewritten to `m` be matched by the same rule again? True when the mirror lives
-// on the rule's own registry and the rewritten repository falls under the rule's prefix.
-bool MirrorLoops(const Mirror& m, std::string_view match) {
-  const size_t slash = match.find('/');
-  std::string_view domain = match.substr(0, slash);
-  std::string_view path =
-      slash == std::string_view::npos ? std::string_view() : match.substr(slash + 1);
-  auto mirror_domain = NormalizeMatch(m.domain);
-  if (!mirror_domain.ok() || *mirror_domain != domain) return false;
-  if (path.empty()) return true;
-  // Any repository under `path` becomes prefix/path/...; check it still starts with `path`.
-  const std::string rewritten =
-      m.path_prefix.empty() ? std::string(path) : StrCat({m.path_prefix, "/", path});
-  return rewritten.compare(0, path.size(), path) == 0 &&
-         (rewritten.size() == path.size() || rewritten[path.size()] == '/');
-}
 
 std::string Sha256Hex(std::string_view data) {
   unsigned char md[EVP_MAX_MD_SIZE];
@@ -606,49 +103,6 @@ const std::vector<std::string_view> kNodeKeys = {
     "mirrorCooldown",  "containerdHostsDir", "pullAttemptTimeout",  "pullTimeout",
     "mirrorHedgeDelay"};
 
-// "2s", "500ms", "5m", "1h30m", "0": whole numbers with a unit each (ms, s, m, h); "0" alone
-// needs none. At most 24h.
-Result<std::chrono::milliseconds> ParseDuration(std::string_view s) {
-  const std::string what = "duration '" + std::string(s) + "'";
-  if (s == "0") return std::chrono::milliseconds(0);
-  if (s.empty()) return Status::Error("empty duration; write e.g. 2s, 500ms, 5m, or 0 for none");
-  int64_t total_ms = 0;
-  size_t i = 0;
-  while (i < s.size()) {
-    size_t start = i;
-    int64_t n = 0;
-    while (i < s.size() && s[i] >= '0' && s[i] <= '9') {
-      n = n * 10 + (s[i] - '0');
-      if (n > 100000000) return Status::Error(what + " is too long (at most 24h)");
-      ++i;
-    }
-    if (i == start) {
-      return Status::Error(what + ": expected a number at '" + std::string(s.substr(i)) +
-                           "'; write e.g. 2s, 500ms, 5m, or 0 for none");
-    }
-    size_t ustart = i;
-    while (i < s.size() && !(s[i] >= '0' && s[i] <= '9')) ++i;
-    std::string_view unit = s.substr(ustart, i - ustart);
-    int64_t mult = 0;
-    if (unit == "ms")
-      mult = 1;
-    else if (unit == "s")
-      mult = 1000;
-    else if (unit == "m")
-      mult = 60 * 1000;
-    else if (unit == "h")
-      mult = 3600 * 1000;
-    if (mult == 0) {
-      return Status::Error(
-          what +
-          (unit.empty() ? " has no unit" : " has an unknown unit '" + std::string(unit) + "'") +
-          "; units are ms, s, m, h (e.g. 2s, 500ms, 5m), or write 0 for none");
-    }
-    total_ms += n * mult;
-    if (total_ms > 24LL * 3600 * 1000) return Status::Error(what + " is too long (at most 24h)");
-  }
-  return std::chrono::milliseconds(total_ms);
-}
 const std::vector<std::string_view> kNoNamespacePolicies = {"rewrite", "passthrough",
                                                             "asNamespace"};
 const std::vector<std::string_view> kCredentialedPulls = {"mirror", "upstream"};
@@ -684,7 +138,12 @@ class Loader {
     return load;
   }
 
-  const Node* ParseYaml(std::string_view yaml, TreeBuilder& tree);
+  const Node* ParseYaml(std::string_view yaml, TreeBuilder& tree) {
+    TextProblem problem;
+    const Node* root = ParseYamlDocument(yaml, tree, &problem);
+    if (!root) Error(problem.pos, "", problem.message);
+    return root;
+  }
 
   // Typed access. Each reports its own errors and returns nullopt on one.
   bool CheckTag(const Item& it, std::string_view core_tag);
@@ -720,54 +179,6 @@ class Loader {
   std::vector<ConfigError> errors_;
   size_t dropped_ = 0;
 };
-
-const Node* Loader::ParseYaml(std::string_view yaml, TreeBuilder& tree) {
-  try {
-    std::istringstream in{std::string(yaml)};
-    YAML::Parser parser(in);
-    if (!parser.HandleNextDocument(tree)) {
-      Error({}, "", "config is empty: it has no keys (write enabled: false to turn rewriting off)");
-      return nullptr;
-    }
-    // A second document would be ignored silently by most tools; say so instead. Empty ones
-    // (a trailing '---', as generated files often have) are harmless.
-    Pos last = tree.document_pos();
-    while (true) {
-      TreeBuilder rest;
-      if (!parser.HandleNextDocument(rest)) break;
-      // yaml-cpp can get stuck on junk (a leading ',') and return empty documents forever
-      // without consuming anything.
-      if (rest.document_pos().line == last.line && rest.document_pos().column == last.column) {
-        Error(last, "", "invalid YAML: cannot parse the text here");
-        return nullptr;
-      }
-      last = rest.document_pos();
-      if (rest.root() && rest.root()->kind != Node::Kind::kNull) {
-        Error(rest.document_pos(), "",
-              "config has more than one YAML document (a '---' separator); keep one");
-        return nullptr;
-      }
-    }
-  } catch (const StopParsing& e) {
-    Error(e.pos, "", e.message);
-    return nullptr;
-  } catch (const YAML::Exception& e) {
-    Error(ToPos(e.mark), "", "invalid YAML: " + e.msg);
-    return nullptr;
-  }
-  const Node* root = tree.root();
-  if (!root || root->kind == Node::Kind::kNull) {
-    Error({}, "", "config is empty: it has no keys (write enabled: false to turn rewriting off)");
-    return nullptr;
-  }
-  if (root->expanded > tree.node_count() + kMaxAliasNodes) {
-    Error(root->pos, "",
-          "aliases expand the config to more than " + std::to_string(kMaxAliasNodes) +
-              " extra nodes; write it out instead");
-    return nullptr;
-  }
-  return root;
-}
 
 // Explicit tags are accepted only when they say what is expected anyway ("!!str" on a
 // string); anything else ("!!binary", "!custom") is a mistake or an attack on a parser.
@@ -1398,6 +809,12 @@ ConfigLoad OneError(const std::string& file, std::string message) {
 }
 
 }  // namespace
+}  // namespace config_internal
+
+using config_internal::kMaxConfigBytes;
+using config_internal::Loader;
+using config_internal::OneError;
+using config_internal::TooBig;
 
 std::string ConfigError::ToString() const {
   std::string out = file;
