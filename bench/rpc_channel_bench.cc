@@ -13,6 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <mutex>
 
@@ -78,7 +79,13 @@ struct Fixture {
 };
 
 Fixture& F() {
-  static Fixture* f = new Fixture();  // lives until exit; the OS reclaims it
+  // Lives until exit (gRPC must not be torn down by static destructors); only its temp dir is
+  // removed then.
+  static Fixture* f = [] {
+    auto* fixture = new Fixture();
+    std::atexit([] { std::filesystem::remove_all(F().dir); });
+    return fixture;
+  }();
   return *f;
 }
 
