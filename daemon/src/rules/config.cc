@@ -171,6 +171,16 @@ class Loader {
   std::optional<CredentialedPulls> CredentialedPullsValue(const Item& it);
   void NodeSection(const Item& it, NodeSettings& node, Pos& listen_pos, Pos& upstream_pos);
 
+  // What the top-level keys give, before they are put together.
+  struct Sections {
+    PolicyOptions options;
+    NodeSettings node;
+    std::vector<Rule> explicit_rules, proxy_rules;
+    Pos listen_pos, upstream_pos;
+  };
+  void TopLevel(const Node* root, Sections& out);
+  ConfigLoad Build(std::string_view yaml, Sections sections);
+
   std::string Origin(std::string_view what, Pos pos) const {
     return StrCat({what, " (", source_, ":", std::to_string(pos.line), ")"});
   }
@@ -742,51 +752,55 @@ ConfigLoad Loader::Run(std::string_view yaml) {
     return Fail();
   }
 
-  PolicyOptions options;
-  NodeSettings node;
-  std::vector<Rule> explicit_rules, proxy_rules;
-  Pos listen_pos, upstream_pos;
+  Sections s;
+  TopLevel(root, s);
+  if (s.node.listen == s.node.upstream) {
+    const bool at_listen = s.listen_pos.line != 0;
+    Error(at_listen ? s.listen_pos : s.upstream_pos, at_listen ? "node.listen" : "node.upstream",
+          "listen and upstream are the same socket (" + s.node.listen +
+              "): the daemon would forward to itself");
+  }
+  if (!errors_.empty()) return Fail();
+  return Build(yaml, std::move(s));
+}
+
+void Loader::TopLevel(const Node* root, Sections& out) {
   if (auto entries = Map(Item{root, root->pos, ""}, &kTopKeys)) {
     for (const Entry& e : *entries) {
       const Item& v = e.value;
       if (e.key == "enabled") {
-        if (auto b = Bool(v)) options.enabled = *b;
+        if (auto b = Bool(v)) out.options.enabled = *b;
       } else if (e.key == "proxies") {
-        Proxies(v, proxy_rules);
+        Proxies(v, out.proxy_rules);
       } else if (e.key == "excludeNamespaces") {
-        if (auto g = Globs(v, GlobList::kExclude)) options.namespaces.exclude = std::move(*g);
+        if (auto g = Globs(v, GlobList::kExclude)) out.options.namespaces.exclude = std::move(*g);
       } else if (e.key == "includeNamespaces") {
-        if (auto g = Globs(v, GlobList::kInclude)) options.namespaces.include = std::move(*g);
+        if (auto g = Globs(v, GlobList::kInclude)) out.options.namespaces.include = std::move(*g);
       } else if (e.key == "podSelector") {
-        PodSelector(v, options.pod_selector);
+        PodSelector(v, out.options.pod_selector);
       } else if (e.key == "namespaceSelector") {
         NamespaceSelector(v);
       } else if (e.key == "rules") {
-        Rules(v, explicit_rules);
+        Rules(v, out.explicit_rules);
       } else if (e.key == "pullsWithoutNamespace") {
-        PullsWithoutNamespace(v, options);
+        PullsWithoutNamespace(v, out.options);
       } else if (e.key == "credentialedPulls") {
-        if (auto c = CredentialedPullsValue(v)) options.credentialed_pulls = *c;
+        if (auto c = CredentialedPullsValue(v)) out.options.credentialed_pulls = *c;
       } else if (e.key == "staleIfError") {
-        if (auto b = Bool(v)) options.stale_if_error = *b;
+        if (auto b = Bool(v)) out.options.stale_if_error = *b;
       } else if (e.key == "node") {
-        NodeSection(v, node, listen_pos, upstream_pos);
+        NodeSection(v, out.node, out.listen_pos, out.upstream_pos);
       }
     }
   }
-  if (node.listen == node.upstream) {
-    const bool at_listen = listen_pos.line != 0;
-    Error(at_listen ? listen_pos : upstream_pos, at_listen ? "node.listen" : "node.upstream",
-          "listen and upstream are the same socket (" + node.listen +
-              "): the daemon would forward to itself");
-  }
-  if (!errors_.empty()) return Fail();
+}
 
+ConfigLoad Loader::Build(std::string_view yaml, Sections sections) {
   // Explicit rules first: among equal matches the engine keeps the given order.
-  std::vector<Rule> rules = std::move(explicit_rules);
-  rules.insert(rules.end(), std::make_move_iterator(proxy_rules.begin()),
-               std::make_move_iterator(proxy_rules.end()));
-  auto policy = Policy::Create(std::move(options), std::move(rules));
+  std::vector<Rule> rules = std::move(sections.explicit_rules);
+  rules.insert(rules.end(), std::make_move_iterator(sections.proxy_rules.begin()),
+               std::make_move_iterator(sections.proxy_rules.end()));
+  auto policy = Policy::Create(std::move(sections.options), std::move(rules));
   if (!policy.ok()) {
     // The walk validates everything Create checks; this is a bug, reported rather than hidden.
     Error({}, "", "internal error building the policy: " + policy.error());
@@ -794,7 +808,7 @@ ConfigLoad Loader::Run(std::string_view yaml) {
   }
   auto config = std::make_shared<Config>();
   config->policy = std::move(policy).value();
-  config->node = std::move(node);
+  config->node = std::move(sections.node);
   config->source = source_;
   config->content_sha256 = Sha256Hex(yaml);
   ConfigLoad load;
