@@ -48,9 +48,9 @@
 #include <thread>
 #include <vector>
 
+#include "containerd/upstream_grpc.h"
 #include "k8s.io/cri-api/pkg/apis/runtime/v1/api.pb.h"
 #include "testbed.h"
-#include "containerd/upstream_grpc.h"
 
 #ifndef RP_BINARY
 #define RP_BINARY "registry-proxy"
@@ -656,7 +656,8 @@ int main(int argc, char** argv) {
   registry_proxy::GrpcImageRecordStore records(
       registry_proxy::MakeContainerdChannel(ctrd->endpoint(), 64 << 20), "k8s.io");
   registry_proxy::ImageRecord record0;
-  if (registry_proxy::RpcStatus s = records.Get(mirror_ref, &record0); !s.ok() && Selected(o, "ListImages")) {
+  if (registry_proxy::RpcStatus s = records.Get(mirror_ref, &record0);
+      !s.ok() && Selected(o, "ListImages")) {
     std::cerr << "image record " << mirror_ref << ": " << registry_proxy::RpcStatusText(s) << "\n";
     return 1;
   }

@@ -31,8 +31,8 @@
 #include <vector>
 
 #include "containerd/cri_client.h"
-#include "delay_proxy.h"
 #include "containerd/grpc_status.h"
+#include "delay_proxy.h"
 #include "testbed.h"
 
 #ifndef RP_BINARY

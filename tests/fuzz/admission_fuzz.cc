@@ -17,8 +17,8 @@
 #include <string>
 #include <string_view>
 
-#include "webhook/admission.h"
 #include "rules/config.h"
+#include "webhook/admission.h"
 
 namespace {
 

@@ -30,11 +30,11 @@
 #include <string>
 #include <vector>
 
-#include "rules/config.h"
+#include "containerd/upstream.h"
 #include "pull/credentials.h"
 #include "pull/pull_service.h"
+#include "rules/config.h"
 #include "rules/reference.h"
-#include "containerd/upstream.h"
 
 namespace {
 
@@ -113,7 +113,7 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
   RpcStatus last_status;
 
   RpcStatus PullImageRaw(CriVersion, const std::string& request, const CallOptions&,
-                            std::string* response) override {
+                         std::string* response) override {
     raw_pulls.push_back(request);
     if (!succeed_) return last_status = Fail("upstream", raw_pulls.size());
     runtime::v1::PullImageResponse resp;
@@ -123,7 +123,7 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
   }
 
   RpcStatus PullImage(CriVersion, const runtime::v1::PullImageRequest& req, const CallOptions&,
-                         runtime::v1::PullImageResponse* resp) override {
+                      runtime::v1::PullImageResponse* resp) override {
     mirror_pulls.push_back(req);
     if (!succeed_) return last_status = Fail(req.image().image(), mirror_pulls.size());
     // As containerd does: a record under the (normalized) name pulled.
@@ -140,8 +140,8 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
     return last_status = RpcStatus::OK;
   }
 
-  RpcStatus ImageStatus(CriVersion, const runtime::v1::ImageStatusRequest& req,
-                           const CallOptions&, runtime::v1::ImageStatusResponse* resp) override {
+  RpcStatus ImageStatus(CriVersion, const runtime::v1::ImageStatusRequest& req, const CallOptions&,
+                        runtime::v1::ImageStatusResponse* resp) override {
     // An image is on the node when a record names it (mirror-named copies included).
     auto ref = ParseNamedReference(req.image().image());
     if (ref.ok() && records_.count(ref->NormalizedString())) {
@@ -182,7 +182,7 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
  private:
   static RpcStatus Fail(const std::string& what, size_t n) {
     return RpcStatus(RpcCode::UNAVAILABLE,
-                        "fake pull " + std::to_string(n) + " of " + what + " failed");
+                     "fake pull " + std::to_string(n) + " of " + what + " failed");
   }
   bool succeed_;
   std::map<std::string, ImageRecord> records_;

@@ -14,8 +14,8 @@
 #include <thread>
 #include <vector>
 
-#include "loopback_listener.h"
 #include "base/status.h"
+#include "loopback_listener.h"
 
 namespace rp_testbed {
 

@@ -20,8 +20,8 @@
 #include <vector>
 
 #include "containerd/cri_client.h"
-#include "fault_server.h"
 #include "containerd/grpc_status.h"
+#include "fault_server.h"
 #include "shim_fixture.h"
 #include "testbed.h"
 

@@ -17,8 +17,8 @@
 #include <string>
 
 #include "containerd/cri_client.h"
-#include "delay_proxy.h"
 #include "containerd/grpc_status.h"
+#include "delay_proxy.h"
 #include "shim_fixture.h"
 #include "testbed.h"
 

@@ -12,11 +12,11 @@
 #include <thread>
 #include <vector>
 
-#include "rules/config.h"
+#include "base/string_util.h"
 #include "containerd/cri_client.h"
 #include "fault_server.h"
+#include "rules/config.h"
 #include "shim_fixture.h"
-#include "base/string_util.h"
 #include "testbed.h"
 
 namespace rp_testbed {

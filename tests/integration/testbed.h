@@ -25,8 +25,8 @@
 #include <thread>
 #include <vector>
 
-#include "containerd/cri_client.h"
 #include "base/status.h"
+#include "containerd/cri_client.h"
 
 namespace rp_testbed {
 

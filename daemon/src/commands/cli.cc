@@ -14,14 +14,14 @@
 #include <vector>
 
 #include "base/cli_args.h"
+#include "base/signals.h"
 #include "commands/client_cmds.h"
+#include "commands/serve.h"
+#include "commands/webhook_cmd.h"
+#include "node/node_install.h"
 #include "rules/config.h"
 #include "rules/config_store.h"
-#include "node/node_install.h"
-#include "commands/serve.h"
-#include "base/signals.h"
 #include "version.h"
-#include "commands/webhook_cmd.h"
 
 namespace registry_proxy {
 namespace {

@@ -13,8 +13,8 @@
 #include <string_view>
 #include <vector>
 
-#include "k8s.io/cri-api/pkg/apis/runtime/v1/api.pb.h"
 #include "base/status.h"
+#include "k8s.io/cri-api/pkg/apis/runtime/v1/api.pb.h"
 
 namespace registry_proxy {
 

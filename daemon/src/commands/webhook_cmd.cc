@@ -15,11 +15,11 @@
 #include <vector>
 
 #include "base/cli_args.h"
-#include "rules/config_store.h"
-#include "ops/logging.h"
-#include "ops/ops_server.h"
 #include "base/sd_notify.h"
 #include "base/signals.h"
+#include "ops/logging.h"
+#include "ops/ops_server.h"
+#include "rules/config_store.h"
 #include "webhook/webhook_metrics.h"
 #include "webhook/webhook_server.h"
 #include "webhook/webhook_tls.h"

@@ -11,9 +11,9 @@
 #include <string>
 #include <string_view>
 
+#include "base/status.h"
 #include "containerd/grpc_status.h"  // re-exported: GrpcCodeName, GrpcStatusText
 #include "k8s.io/cri-api/pkg/apis/runtime/v1/api.grpc.pb.h"
-#include "base/status.h"
 
 namespace registry_proxy {
 

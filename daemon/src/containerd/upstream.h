@@ -27,15 +27,15 @@ class CriImageBackend {
  public:
   virtual ~CriImageBackend() = default;
   virtual RpcStatus PullImage(CriVersion v, const runtime::v1::PullImageRequest& req,
-                                 const CallOptions& opts, runtime::v1::PullImageResponse* resp) = 0;
+                              const CallOptions& opts, runtime::v1::PullImageResponse* resp) = 0;
   // The same call with the request and response as bytes, forwarded as they are: for pulls the
   // daemon leaves alone (and requests that do not parse here), so containerd sees exactly what
   // the caller sent and answers exactly as it would without the daemon.
-  virtual RpcStatus PullImageRaw(CriVersion v, const std::string& request,
-                                    const CallOptions& opts, std::string* response) = 0;
+  virtual RpcStatus PullImageRaw(CriVersion v, const std::string& request, const CallOptions& opts,
+                                 std::string* response) = 0;
   virtual RpcStatus ImageStatus(CriVersion v, const runtime::v1::ImageStatusRequest& req,
-                                   const CallOptions& opts,
-                                   runtime::v1::ImageStatusResponse* resp) = 0;
+                                const CallOptions& opts,
+                                runtime::v1::ImageStatusResponse* resp) = 0;
 };
 
 // containerd's Images API (image records: name -> target), in one containerd namespace.
@@ -59,7 +59,7 @@ class ImageRecordStore {
   // The records of those of `names` that exist (in no particular order). The daemon's store
   // asks containerd once; this default asks Get for each.
   virtual RpcStatus GetMany(const std::vector<std::string>& names,
-                               std::vector<ImageRecord>* found) {
+                            std::vector<ImageRecord>* found) {
     found->clear();
     for (const std::string& name : names) {
       ImageRecord r;

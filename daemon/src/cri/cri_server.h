@@ -4,7 +4,6 @@
 // ImageInterceptor (tests/unit/cri/h2_relay_test.cc).
 #pragma once
 
-
 #include <chrono>
 #include <string>
 #include <string_view>

@@ -23,13 +23,13 @@
 #include <variant>
 
 #include "base/cli_args.h"
-#include "rules/config.h"
-#include "rules/config_store.h"
-#include "containerd/cri_client.h"
-#include "cri/cri_server.h"
 #include "base/file_util.h"
 #include "base/proxy_env.h"
 #include "base/signals.h"
+#include "containerd/cri_client.h"
+#include "cri/cri_server.h"
+#include "rules/config.h"
+#include "rules/config_store.h"
 
 extern char** environ;
 

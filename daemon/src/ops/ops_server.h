@@ -19,9 +19,9 @@
 #include <string>
 #include <string_view>
 
-#include "rules/config_store.h"
-#include "ops/metrics.h"
 #include "base/status.h"
+#include "ops/metrics.h"
+#include "rules/config_store.h"
 
 namespace registry_proxy {
 

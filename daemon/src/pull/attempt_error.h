@@ -7,7 +7,6 @@
 // better, and no mirror is to blame); a caller that went away ends the call.
 #pragma once
 
-
 #include <string>
 #include <string_view>
 

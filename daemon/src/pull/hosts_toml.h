@@ -30,8 +30,8 @@
 #include <string_view>
 #include <vector>
 
-#include "pull/probe.h"
 #include "base/status.h"
+#include "pull/probe.h"
 
 namespace registry_proxy {
 

@@ -44,7 +44,6 @@
 // Thread safety: every public method may be called from any number of threads.
 #pragma once
 
-
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -59,10 +58,10 @@
 #include <thread>
 #include <vector>
 
-#include "pull/hosts_toml.h"
-#include "pull/probe.h"
 #include "base/status.h"
 #include "containerd/upstream.h"
+#include "pull/hosts_toml.h"
+#include "pull/probe.h"
 
 namespace registry_proxy {
 

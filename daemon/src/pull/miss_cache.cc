@@ -9,8 +9,7 @@ StatusMissCache::StatusMissCache(size_t max_entries)
     : max_entries_(std::max<size_t>(1, max_entries)) {}
 
 std::shared_ptr<const StatusMissCache::Entry> StatusMissCache::Get(
-    const std::shared_ptr<const Config>& config, const std::string& image,
-    const Compute& compute) {
+    const std::shared_ptr<const Config>& config, const std::string& image, const Compute& compute) {
   {
     std::lock_guard lock(mu_);
     if (snapshot_ == config) {

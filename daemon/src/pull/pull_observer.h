@@ -28,9 +28,9 @@ struct PullReport {
   std::string_view rule;    // the rule's match ("docker.io"); "" when not rewritten
   std::string_view mirror;  // the mirror host that served it; "" otherwise
   PullOutcome outcome = PullOutcome::kPassthrough;
-  RpcCode code = RpcCode::OK;  // what the caller got
-  std::chrono::nanoseconds duration{0};          // the whole PullImage call
-  int attempts = 0;                              // pulls handed to containerd
+  RpcCode code = RpcCode::OK;            // what the caller got
+  std::chrono::nanoseconds duration{0};  // the whole PullImage call
+  int attempts = 0;                      // pulls handed to containerd
 };
 
 // Why a mirror was not handed to containerd.

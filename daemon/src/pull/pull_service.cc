@@ -904,8 +904,8 @@ bool PullService::StatusNeedsRecovery(CriVersion /*v*/, const std::string& reque
     const std::shared_ptr<const Config> config = config_();
     // The decision and the copies' names depend only on the name and the snapshot: computed
     // once per both (miss_cache.h), so the common miss is a hash lookup, as a hit is.
-    const std::shared_ptr<const StatusMissCache::Entry> miss = miss_cache_.Get(
-        config, req.image().image(), [](const Config& c, const std::string& image) {
+    const std::shared_ptr<const StatusMissCache::Entry> miss =
+        miss_cache_.Get(config, req.image().image(), [](const Config& c, const std::string& image) {
           PullContext ctx;
           ctx.any_namespace = true;  // the image store is the node's, not one namespace's
           const Decision d = c.policy->Decide(image, ctx);

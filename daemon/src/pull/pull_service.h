@@ -34,15 +34,15 @@
 #include <unordered_map>
 #include <vector>
 
-#include "rules/config.h"
-#include "pull/credentials.h"
+#include "base/worker_threads.h"
 #include "containerd/image_index.h"
+#include "containerd/upstream.h"
 #include "cri/interceptor.h"
+#include "pull/credentials.h"
 #include "pull/mirror_health.h"
 #include "pull/miss_cache.h"
 #include "pull/pull_observer.h"
-#include "containerd/upstream.h"
-#include "base/worker_threads.h"
+#include "rules/config.h"
 
 namespace registry_proxy {
 

@@ -13,8 +13,8 @@
 #include <unordered_map>
 #include <vector>
 
-#include "rules/reference.h"
 #include "base/status.h"
+#include "rules/reference.h"
 
 namespace registry_proxy {
 

@@ -26,8 +26,8 @@
 #include <string>
 #include <string_view>
 
-#include "rules/config.h"
 #include "base/string_util.h"
+#include "rules/config.h"
 
 namespace registry_proxy {
 

@@ -28,9 +28,9 @@
 #include <mutex>
 #include <string>
 
-#include "webhook/admission.h"
-#include "rules/config_store.h"
 #include "base/status.h"
+#include "rules/config_store.h"
+#include "webhook/admission.h"
 
 namespace registry_proxy {
 

@@ -21,8 +21,8 @@
 #include <string>
 #include <vector>
 
-#include "webhook/kube_api.h"
 #include "base/status.h"
+#include "webhook/kube_api.h"
 
 namespace registry_proxy {
 

@@ -201,8 +201,7 @@ class FakeUpstream {
 // Every finished call, as the metrics see them.
 class RecordingObserver : public CallObserver {
  public:
-  void OnCallDone(std::string_view method, RpcCode code,
-                  std::chrono::nanoseconds) override {
+  void OnCallDone(std::string_view method, RpcCode code, std::chrono::nanoseconds) override {
     std::lock_guard<std::mutex> lock(mu);
     calls.emplace_back(std::string(method), code);
   }

@@ -17,9 +17,9 @@
 #include <string>
 #include <thread>
 
+#include "base/sd_listen.h"
 #include "cri/h2_relay.h"
 #include "k8s.io/cri-api/pkg/apis/runtime/v1/api.grpc.pb.h"
-#include "base/sd_listen.h"
 
 namespace registry_proxy {
 namespace {

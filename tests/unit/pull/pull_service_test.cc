@@ -18,10 +18,10 @@
 #include <thread>
 #include <vector>
 
-#include "rules/config.h"
 #include "pull/credentials.h"
 #include "pull/mirror_health.h"
 #include "pull/pull_observer.h"
+#include "rules/config.h"
 #include "rules/reference.h"
 
 namespace registry_proxy {
@@ -108,7 +108,7 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
 
   // CriImageBackend
   RpcStatus PullImage(CriVersion v, const runtime::v1::PullImageRequest& req,
-                         const CallOptions& opts, runtime::v1::PullImageResponse* resp) override {
+                      const CallOptions& opts, runtime::v1::PullImageResponse* resp) override {
     std::string bytes = req.SerializeAsString();
     std::string out;
     RpcStatus s = Pull(v, false, bytes, opts, &out);
@@ -116,11 +116,11 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
     return s;
   }
   RpcStatus PullImageRaw(CriVersion v, const std::string& request, const CallOptions& opts,
-                            std::string* response) override {
+                         std::string* response) override {
     return Pull(v, true, request, opts, response);
   }
-  RpcStatus ImageStatus(CriVersion, const runtime::v1::ImageStatusRequest& req,
-                           const CallOptions&, runtime::v1::ImageStatusResponse* resp) override {
+  RpcStatus ImageStatus(CriVersion, const runtime::v1::ImageStatusRequest& req, const CallOptions&,
+                        runtime::v1::ImageStatusResponse* resp) override {
     ++status_calls;
     std::lock_guard l(mu_);
     auto parsed = ParseImage(req.image().image());
@@ -200,7 +200,7 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
   }
 
   RpcStatus Pull(CriVersion v, bool raw, const std::string& bytes, const CallOptions& opts,
-                    std::string* response) {
+                 std::string* response) {
     PullCall call;
     call.v = v;
     call.raw = raw;
@@ -235,7 +235,7 @@ class FakeContainerd final : public CriImageBackend, public ImageRecordStore {
     }
     if (!hit) {
       return RpcStatus(RpcCode::NOT_FOUND,
-                          "failed to pull and unpack image \"" + key + "\": not found");
+                       "failed to pull and unpack image \"" + key + "\": not found");
     }
     AddImageLocked(*ref, hit->digest, hit->id);
     runtime::v1::PullImageResponse resp;
@@ -493,10 +493,10 @@ TEST_F(PullServiceTest, MirrorNamesLingerAcrossABurstOfRePullsAndAreDroppedOnce)
 // found", an authorization failure, a pull with credentials, or when it is off (the default).
 TEST_F(PullServiceTest, StaleIfErrorAnswersWithThePresentImageOnlyWhenEveryCandidateIsDown) {
   const RpcStatus refused(RpcCode::UNKNOWN,
-                             "failed to resolve reference: dial tcp 127.0.0.1:9: connect: "
-                             "connection refused");
+                          "failed to resolve reference: dial tcp 127.0.0.1:9: connect: "
+                          "connection refused");
   const RpcStatus broken(RpcCode::UNKNOWN,
-                            "unexpected status code [manifests latest]: 503 Service Unavailable");
+                         "unexpected status code [manifests latest]: 503 Service Unavailable");
   auto all_fail = [&](const RpcStatus& m1, const RpcStatus& m2, const RpcStatus& up) {
     fake_.Fail("m1.example/library/nginx:latest", m1);
     fake_.Fail("m2.example/library/nginx:latest", m2);
@@ -532,8 +532,8 @@ TEST_F(PullServiceTest, StaleIfErrorAnswersWithThePresentImageOnlyWhenEveryCandi
   EXPECT_FALSE(Pull(Request("nginx", "default")).status.ok());
   // An authorization failure upstream is an answer too.
   const RpcStatus denied(RpcCode::UNKNOWN,
-                            "pull access denied, repository does not exist or may require "
-                            "authorization: 401 Unauthorized");
+                         "pull access denied, repository does not exist or may require "
+                         "authorization: 401 Unauthorized");
   all_fail(refused, refused, denied);
   EXPECT_TRUE(EndsWith(Pull(Request("nginx", "default")).status.error_message(),
                        "; upstream docker.io: " + denied.error_message()));
@@ -679,8 +679,7 @@ TEST_F(PullServiceTest, NoSandboxConfigFollowsThePolicy) {
 // credentials is mirrored, without them; only upstream gets them, as the caller's own bytes.
 TEST_F(PullServiceTest, CredentialedPullsAreMirroredWithoutTheCallersCredentials) {
   LogCapture log;
-  fake_.Fail("m1.example/library/nginx:latest",
-             RpcStatus(RpcCode::NOT_FOUND, "m1: not found"));
+  fake_.Fail("m1.example/library/nginx:latest", RpcStatus(RpcCode::NOT_FOUND, "m1: not found"));
   fake_.Serve("m2.example/library/nginx:latest", kDigest, kId);
   runtime::v1::PullImageRequest req = Request("nginx", "default");
   req.mutable_auth()->set_username("kubelet-user");
@@ -1154,16 +1153,16 @@ TEST_F(PullServiceTest, RecoverStatusWhenCriNeverSeesTheAliasAnswersTheMiss) {
   struct HideAfterFirst : CriImageBackend {
     FakeContainerd* inner;
     int calls = 0;
-    RpcStatus PullImage(CriVersion v, const runtime::v1::PullImageRequest& q,
-                           const CallOptions& o, runtime::v1::PullImageResponse* p) override {
+    RpcStatus PullImage(CriVersion v, const runtime::v1::PullImageRequest& q, const CallOptions& o,
+                        runtime::v1::PullImageResponse* p) override {
       return inner->PullImage(v, q, o, p);
     }
     RpcStatus PullImageRaw(CriVersion v, const std::string& q, const CallOptions& o,
-                              std::string* p) override {
+                           std::string* p) override {
       return inner->PullImageRaw(v, q, o, p);
     }
     RpcStatus ImageStatus(CriVersion v, const runtime::v1::ImageStatusRequest& q,
-                             const CallOptions& o, runtime::v1::ImageStatusResponse* p) override {
+                          const CallOptions& o, runtime::v1::ImageStatusResponse* p) override {
       if (calls++ == 0) return inner->ImageStatus(v, q, o, p);
       return RpcStatus::OK;
     }
