@@ -30,9 +30,9 @@
 #include <string>
 #include <vector>
 
-#include "containerd/cri_client.h"
-#include "containerd/grpc_status.h"
 #include "delay_proxy.h"
+#include "grpc_cri_client.h"
+#include "grpc_status.h"
 #include "testbed.h"
 
 #ifndef RP_BINARY
@@ -43,7 +43,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
-using registry_proxy::CriClient;
+using registry_proxy::GrpcCriClient;
 using registry_proxy::GrpcStatusText;
 using registry_proxy::Status;
 using rp_testbed::Process;
@@ -134,7 +134,7 @@ class Bench {
     for (auto& [name, r] : registries_) r->ResetRequests();
   }
 
-  Sample PullVia(CriClient& client) {
+  Sample PullVia(GrpcCriClient& client) {
     runtime::v1::PullImageRequest req;
     req.mutable_image()->set_image(Image());
     req.mutable_sandbox_config()->mutable_metadata()->set_namespace_("default");
@@ -196,7 +196,7 @@ class Bench {
         c.samples.push_back(s);
         break;
       }
-      auto client = CriClient::Connect("unix://" + sock);
+      auto client = GrpcCriClient::Connect("unix://" + sock);
       const bool up = client.ok() && rp_testbed::WaitFor(
                                          [&] {
                                            runtime::v1::VersionResponse v;

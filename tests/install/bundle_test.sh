@@ -3,9 +3,9 @@
 # with scripts/bundle.sh, then
 #  1. every library it loads outside glibc resolves inside the bundle (ldd), and so does
 #     libcurl, which it loads on the first probe;
-#  2. in a chroot holding only glibc and the bundle (no libstdc++, no gRPC, no OpenSSL...):
+#  2. in a chroot holding only glibc and the bundle (no libstdc++, no protobuf, no OpenSSL...):
 #     --version, check-config (good and bad file, the error keeps line:column), and `serve`
-#     answering a CRI call on its socket (gRPC really works), stopped by PID with SIGTERM.
+#     answering a CRI call on its socket (the relay and the CLI client really work), stopped by PID with SIGTERM.
 # Usage: bundle_test.sh BUNDLE_SH BINARY CONFIG_YAML
 set -euo pipefail
 bundle_sh=$1 bin=$2 config=$3
@@ -80,7 +80,7 @@ fi
 [[ "$out" == *"/etc/registry-proxy/bad.yaml:3:"* ]] || fail "bad config error lacks line: $out"
 echo "chroot check-config: good ok, bad rejected ($out)"
 
-# serve: a real gRPC server from the bundled libraries. Its upstream (containerd) is absent,
+# serve: the CRI relay from the bundled libraries. Its upstream (containerd) is absent,
 # so the call comes back UNAVAILABLE from the daemon's own upstream channel.
 unshare --mount --propagation private -- /bin/sh -c \
   'mount -t proc proc "$0/proc" && exec chroot "$0" "$@"' "$root" "$rp" serve --config /etc/registry-proxy/config.yaml \

@@ -41,7 +41,7 @@ has '-rwxr-xr-x' 'opt/registry-proxy/bin/registry-proxy'
 has '-rw-r--r--' 'lib/systemd/system/registry-proxy.service'
 has '-rw-r--r--' 'lib/systemd/system/registry-proxy.socket'
 has '-rw-r--r--' 'etc/registry-proxy/config.yaml'
-has '-rw-r--r--' 'opt/registry-proxy/lib/libgrpc\+\+\.so\.[0-9.]+'
+has '-rw-r--r--' 'opt/registry-proxy/lib/libprotobuf\.so\.[0-9.]+'
 has '-rw-r--r--' 'opt/registry-proxy/lib/libstdc\+\+\.so\.6'
 stray=$(awk '{print $6}' "$tmp/contents" |
   grep -vE '^\./(|opt/|opt/registry-proxy/.*|lib/|lib/systemd/|lib/systemd/system/.*|etc/|etc/registry-proxy/.*)$' || true)

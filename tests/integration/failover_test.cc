@@ -19,9 +19,9 @@
 #include <thread>
 #include <vector>
 
-#include "containerd/cri_client.h"
-#include "containerd/grpc_status.h"
 #include "fault_server.h"
+#include "grpc_cri_client.h"
+#include "grpc_status.h"
 #include "shim_fixture.h"
 #include "testbed.h"
 

@@ -41,7 +41,7 @@
 #include <thread>
 #include <vector>
 
-#include "containerd/cri_client.h"
+#include "grpc_cri_client.h"
 #include "shim_fixture.h"
 #include "testbed.h"
 
@@ -49,8 +49,8 @@ namespace rp_testbed {
 namespace {
 
 namespace fs = std::filesystem;
-using registry_proxy::CriClient;
 using registry_proxy::GrpcCodeName;
+using registry_proxy::GrpcCriClient;
 using registry_proxy::GrpcStatusText;
 using ::testing::HasSubstr;
 using namespace std::chrono_literals;
@@ -183,10 +183,10 @@ class Load {
        std::chrono::milliseconds call_timeout = std::chrono::milliseconds(int(Bound(2000))))
       : t0_(Clock::now()) {
     for (int i = 0; i < threads; ++i) {
-      auto c = CriClient::Connect(endpoint);
+      auto c = GrpcCriClient::Connect(endpoint);
       if (!c.ok()) continue;
-      threads_.emplace_back([this, client = std::shared_ptr<CriClient>(std::move(c).value()), image,
-                             call_timeout, i] {
+      threads_.emplace_back([this, client = std::shared_ptr<GrpcCriClient>(std::move(c).value()),
+                             image, call_timeout, i] {
         for (int n = 0; !stop_.load(); ++n) {
           Call call;
           call.start_ms = MsSince(t0_);
@@ -419,7 +419,7 @@ TEST_F(FaultTest, DaemonRestartedUnderLoad) {
   const double up_ms = load.Now();
   std::this_thread::sleep_for(3s);
   load.Stop();
-  // Clients reconnect with at most ~1 s back-off (CriClient::Connect): allow 2 s. Besides
+  // Clients reconnect with at most ~1 s back-off (GrpcCriClient::Connect): allow 2 s. Besides
   // UNAVAILABLE (no socket), a call that reaches the old daemon in the instant between its drain
   // and gRPC's server shutdown is CANCELLED by that shutdown (seen: 1 in ~2900 calls).
   CheckOutage(load.calls(), down_ms, up_ms, Bound(2000), Bound(2500), "daemon SIGTERM + start",

@@ -16,9 +16,9 @@
 #include <regex>
 #include <string>
 
-#include "containerd/cri_client.h"
-#include "containerd/grpc_status.h"
 #include "delay_proxy.h"
+#include "grpc_cri_client.h"
+#include "grpc_status.h"
 #include "shim_fixture.h"
 #include "testbed.h"
 

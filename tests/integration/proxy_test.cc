@@ -13,7 +13,7 @@
 #include <iterator>
 #include <string>
 
-#include "containerd/grpc_status.h"
+#include "grpc_status.h"
 #include "shim_fixture.h"
 #include "testbed.h"
 

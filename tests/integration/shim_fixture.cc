@@ -10,7 +10,7 @@
 namespace rp_testbed {
 
 namespace fs = std::filesystem;
-using registry_proxy::CriClient;
+using registry_proxy::GrpcCriClient;
 using namespace std::chrono_literals;
 
 Bed* bed = nullptr;
@@ -96,7 +96,7 @@ void ShimTest::StartDaemon(const std::string& config_yaml) {
   // Connect once the socket exists: a channel that found no socket backs off before retrying.
   ASSERT_TRUE(WaitFor([&] { return fs::exists(socket_); }, 15s, 10ms))
       << TailFile(dir_ + "/daemon.log");
-  auto c = CriClient::Connect("unix://" + socket_);
+  auto c = GrpcCriClient::Connect("unix://" + socket_);
   ASSERT_TRUE(c.ok());
   client_ = std::move(c).value();
   bool up = WaitFor(
@@ -135,7 +135,7 @@ grpc::Status ShimTest::Pull(const std::string& image, const std::string& ns,
   return s;
 }
 
-runtime::v1::Image ShimTest::ImageOf(CriClient& c, const std::string& image) {
+runtime::v1::Image ShimTest::ImageOf(GrpcCriClient& c, const std::string& image) {
   runtime::v1::ImageStatusResponse r;
   grpc::Status s = c.ImageStatus(image, false, &r);
   EXPECT_TRUE(s.ok()) << registry_proxy::GrpcStatusText(s);

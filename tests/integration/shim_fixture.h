@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "containerd/cri_client.h"
+#include "grpc_cri_client.h"
 #include "testbed.h"
 
 namespace rp_testbed {
@@ -56,7 +56,7 @@ class ShimTest : public ::testing::Test {
   grpc::Status Pull(const std::string& image, const std::string& ns,
                     runtime::v1::PullImageResponse* out = nullptr, bool with_auth = false);
 
-  runtime::v1::Image ImageOf(registry_proxy::CriClient& c, const std::string& image);
+  runtime::v1::Image ImageOf(registry_proxy::GrpcCriClient& c, const std::string& image);
 
   // Every repo tag and repo digest containerd knows (asked directly, not through the daemon).
   std::vector<std::string> AllNames();
@@ -67,7 +67,7 @@ class ShimTest : public ::testing::Test {
   std::vector<std::string> daemon_args_;
   std::string dir_, socket_, digest_, daemon_log_tail_;
   Process daemon_;
-  std::unique_ptr<registry_proxy::CriClient> client_;
+  std::unique_ptr<registry_proxy::GrpcCriClient> client_;
 };
 
 }  // namespace rp_testbed

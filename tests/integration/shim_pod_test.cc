@@ -19,7 +19,7 @@
 #include <thread>
 #include <vector>
 
-#include "containerd/cri_client.h"
+#include "grpc_cri_client.h"
 #include "shim_fixture.h"
 #include "testbed.h"
 
@@ -27,7 +27,7 @@ namespace rp_testbed {
 namespace {
 
 namespace fs = std::filesystem;
-using registry_proxy::CriClient;
+using registry_proxy::GrpcCriClient;
 using registry_proxy::GrpcStatusText;
 using ::testing::Contains;
 using ::testing::HasSubstr;
@@ -66,7 +66,7 @@ std::string Summary(const std::vector<std::string>& lines, size_t max = 5) {
 // the next one (the testbed's teardown would clean up too, but only at the end of the suite).
 class Pod {
  public:
-  Pod(CriClient* cri, std::string log_dir) : cri_(cri) {
+  Pod(GrpcCriClient* cri, std::string log_dir) : cri_(cri) {
     fs::create_directories(log_dir);
     auto* md = config_.mutable_metadata();
     md->set_name("pod");
@@ -163,11 +163,11 @@ class Pod {
                                                                               const Req&, Resp*),
                     const Req& req, Resp* resp) {
     grpc::ClientContext ctx;
-    CriClient::SetTimeout(&ctx, 60s);
+    GrpcCriClient::SetTimeout(&ctx, 60s);
     return (cri_->runtime().*method)(&ctx, req, resp);
   }
 
-  CriClient* cri_;
+  GrpcCriClient* cri_;
   runtime::v1::PodSandboxConfig config_;
   std::string id_;
   std::vector<std::string> containers_;

@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "base/string_util.h"
-#include "containerd/cri_client.h"
 #include "fault_server.h"
+#include "grpc_cri_client.h"
 #include "rules/config.h"
 #include "shim_fixture.h"
 #include "testbed.h"
@@ -23,7 +23,7 @@ namespace rp_testbed {
 namespace {
 
 namespace fs = std::filesystem;
-using registry_proxy::CriClient;
+using registry_proxy::GrpcCriClient;
 using rp_testbed::ContainerdUnderTest;
 using rp_testbed::FaultServer;
 using ::testing::Contains;
@@ -42,7 +42,7 @@ TEST_F(ShimTest, MirrorServesAndNodeLooksAsIfUpstreamHad) {
   std::string original = "docker.io/" + repo + ":latest";
   // Through the daemon and straight from containerd: found by the original name, with only
   // upstream names (so pod status equals spec, and kubelet does not pull again).
-  for (CriClient* c : {client_.get(), &bed->ctrd->cri()}) {
+  for (GrpcCriClient* c : {client_.get(), &bed->ctrd->cri()}) {
     runtime::v1::Image img = ImageOf(*c, repo);
     ASSERT_FALSE(img.id().empty()) << c->endpoint();
     EXPECT_EQ(img.id(), resp.image_ref());

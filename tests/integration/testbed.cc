@@ -866,7 +866,7 @@ Status UnmountAllUnder(const std::string& dir) {
 Containerd::Containerd(std::string dir, ContainerdOptions options)
     : dir_(std::move(dir)), options_(std::move(options)) {
   // The endpoint is a path we control, so Connect cannot fail.
-  client_ = std::move(registry_proxy::CriClient::Connect(endpoint())).value();
+  client_ = std::move(registry_proxy::GrpcCriClient::Connect(endpoint())).value();
 }
 
 Containerd::~Containerd() { Shutdown(); }

@@ -26,7 +26,7 @@
 #include <vector>
 
 #include "base/status.h"
-#include "containerd/cri_client.h"
+#include "grpc_cri_client.h"
 
 namespace rp_testbed {
 
@@ -255,7 +255,7 @@ class Containerd {
   std::string certs_dir() const { return dir_ + "/certs.d"; }
   pid_t pid() const { return proc_.pid(); }
   // A client on the socket (lazily connecting, so valid across restarts).
-  registry_proxy::CriClient& cri() { return *client_; }
+  registry_proxy::GrpcCriClient& cri() { return *client_; }
 
  private:
   Status WriteConfig();
@@ -266,7 +266,7 @@ class Containerd {
   std::string dir_;
   ContainerdOptions options_;
   Process proc_;
-  std::unique_ptr<registry_proxy::CriClient> client_;
+  std::unique_ptr<registry_proxy::GrpcCriClient> client_;
 };
 
 // Cleans up testbed dirs (rp-testbed.*, rp-testimage.*) under `parent` whose owner process

@@ -117,7 +117,7 @@ grpc::Status RunHostNetworkPod(Containerd* cd, const std::string& name, std::str
       ->set_network(runtime::v1::NODE);
   runtime::v1::RunPodSandboxResponse resp;
   grpc::ClientContext ctx;
-  registry_proxy::CriClient::SetTimeout(&ctx, seconds(60));
+  registry_proxy::GrpcCriClient::SetTimeout(&ctx, seconds(60));
   grpc::Status s = cd->cri().runtime().RunPodSandbox(&ctx, req, &resp);
   *id = resp.pod_sandbox_id();
   return s;
@@ -389,7 +389,7 @@ TEST(Testbed, SandboxImageRunsAHostNetworkPod) {
   EXPECT_FALSE(MountsUnder(tb->dir()).empty()) << "a running pod has mounts under the dir";
   for (auto stop : {true, false}) {
     grpc::ClientContext ctx;
-    registry_proxy::CriClient::SetTimeout(&ctx, seconds(30));
+    registry_proxy::GrpcCriClient::SetTimeout(&ctx, seconds(30));
     grpc::Status s;
     if (stop) {
       runtime::v1::StopPodSandboxRequest req;

@@ -262,10 +262,10 @@ int CmdPull(const std::vector<std::string>& args, std::ostream& out, std::ostrea
   runtime::v1::PullImageRequest req = BuildPullRequest(*a);
   runtime::v1::PullImageResponse resp;
   auto start = std::chrono::steady_clock::now();
-  grpc::Status s = client->PullImage(req, &resp, a->timeout);
+  RpcStatus s = client->PullImage(req, &resp, a->timeout);
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (!s.ok()) {
-    err << "pull: " << GrpcStatusText(s) << "\n";
+    err << "pull: " << RpcStatusText(s) << "\n";
     return 1;
   }
   if (a->json) {
@@ -296,8 +296,8 @@ int CmdImages(const std::vector<std::string>& args, std::ostream& out, std::ostr
   auto client = Dial(*a, "images", err);
   if (!client) return 1;
   runtime::v1::ListImagesResponse resp;
-  if (grpc::Status s = client->ListImages(&resp, a->timeout); !s.ok()) {
-    err << "images: " << GrpcStatusText(s) << "\n";
+  if (RpcStatus s = client->ListImages(&resp, a->timeout); !s.ok()) {
+    err << "images: " << RpcStatusText(s) << "\n";
     return 1;
   }
   std::vector<const runtime::v1::Image*> images;
@@ -351,8 +351,8 @@ int CmdStatus(const std::vector<std::string>& args, std::ostream& out, std::ostr
   if (!client) return 1;
   const std::string& image = a->positional[0];
   runtime::v1::ImageStatusResponse resp;
-  if (grpc::Status s = client->ImageStatus(image, a->verbose, &resp, a->timeout); !s.ok()) {
-    err << "status: " << GrpcStatusText(s) << "\n";
+  if (RpcStatus s = client->ImageStatus(image, a->verbose, &resp, a->timeout); !s.ok()) {
+    err << "status: " << RpcStatusText(s) << "\n";
     return 1;
   }
   if (a->json) {
@@ -389,12 +389,12 @@ int CmdRemove(const std::vector<std::string>& args, std::ostream& out, std::ostr
   const std::string& image = a->positional[0];
   // Status first, only to tell the user which names go with it.
   runtime::v1::ImageStatusResponse st;
-  if (grpc::Status s = client->ImageStatus(image, false, &st, a->timeout); !s.ok()) {
-    err << "remove: " << GrpcStatusText(s) << "\n";
+  if (RpcStatus s = client->ImageStatus(image, false, &st, a->timeout); !s.ok()) {
+    err << "remove: " << RpcStatusText(s) << "\n";
     return 1;
   }
-  if (grpc::Status s = client->RemoveImage(image, a->timeout); !s.ok()) {
-    err << "remove: " << GrpcStatusText(s) << "\n";
+  if (RpcStatus s = client->RemoveImage(image, a->timeout); !s.ok()) {
+    err << "remove: " << RpcStatusText(s) << "\n";
     return 1;
   }
   std::vector<std::string> names;

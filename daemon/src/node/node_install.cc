@@ -976,9 +976,9 @@ class CriVersionProbe final : public DaemonProbe {
     std::string last = "no answer";
     while (true) {
       runtime::v1::VersionResponse v;
-      grpc::Status s = (*client)->Version(&v, std::chrono::seconds(2));
+      RpcStatus s = (*client)->Version(&v, std::chrono::seconds(2));
       if (s.ok()) return Status::Ok();
-      last = GrpcStatusText(s);
+      last = RpcStatusText(s);
       if (std::chrono::steady_clock::now() >= deadline) break;
       std::this_thread::sleep_for(std::chrono::milliseconds(250));
     }

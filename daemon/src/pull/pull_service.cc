@@ -11,7 +11,6 @@
 #include <vector>
 
 #include "base/string_util.h"
-#include "containerd/grpc_status.h"
 #include "pull/attempt_error.h"
 #include "rules/config_store.h"
 #include "rules/policy.h"

@@ -57,11 +57,10 @@ TEST(NormalizeCriEndpoint, UnixOnly) {
   EXPECT_FALSE(NormalizeCriEndpoint("").ok());
 }
 
-TEST(GrpcStatusText, CodeNameThenMessageUnchanged) {
-  EXPECT_EQ(GrpcStatusText(grpc::Status(grpc::StatusCode::NOT_FOUND, "no such: x")),
-            "NOT_FOUND: no such: x");
-  EXPECT_EQ(GrpcStatusText(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "")),
-            "DEADLINE_EXCEEDED");
+TEST(RpcStatusText, CodeNameThenMessageUnchanged) {
+  EXPECT_EQ(RpcStatusText(RpcStatus(RpcCode::NOT_FOUND, "no such: x")), "NOT_FOUND: no such: x");
+  EXPECT_EQ(RpcStatusText(RpcStatus(RpcCode::DEADLINE_EXCEEDED, "")), "DEADLINE_EXCEEDED");
+  EXPECT_EQ(RpcCodeName(static_cast<RpcCode>(17)), "UNKNOWN_CODE");
 }
 
 TEST(ParseClientArgs, Defaults) {

@@ -668,11 +668,20 @@ TEST_F(RpcChannelTest, IdleChannelNeverWakes) {
   RpcChannel channel(Options());
   std::string r;
   RpcCallOptions opts;
-  opts.deadline = system_clock::now() + milliseconds(50);  // armed the timer once
+  opts.deadline = system_clock::now() + milliseconds(1000);  // armed the timer once
   ASSERT_TRUE(channel.Call("/t/Echo", "x", &r, opts).ok());
-  const long before = LoopThreadSwitches();
+  // The loop may still be finishing the call when it returns (on a busy machine): wait until it
+  // is back in epoll_wait, well before the call's deadline passes.
+  long before = LoopThreadSwitches();
   ASSERT_GE(before, 0);
-  std::this_thread::sleep_for(milliseconds(300));  // the measurement window (past the deadline)
+  for (int i = 0; i < 20; ++i) {
+    std::this_thread::sleep_for(milliseconds(20));
+    const long now = LoopThreadSwitches();
+    if (now == before) break;
+    before = now;
+  }
+  // The measurement window: past the deadline, so a timer left armed would wake the loop.
+  std::this_thread::sleep_for(milliseconds(1300));
   EXPECT_EQ(LoopThreadSwitches(), before);
 }
 

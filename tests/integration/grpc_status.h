@@ -1,4 +1,4 @@
-// gRPC status codes and statuses as text, for messages and logs.
+// gRPC status codes and statuses as text, for the tests' messages (gRPC's library: tests only).
 #pragma once
 
 #include <grpcpp/support/status.h>
@@ -21,13 +21,5 @@ std::string GrpcStatusText(const grpc::Status& s);
 inline RpcStatus FromGrpc(const grpc::Status& s) {
   return RpcStatus(static_cast<RpcCode>(s.error_code()), s.error_message(), s.error_details());
 }
-
-// For a process that uses gRPC's client: gRPC's own log lines (gpr_log: errors by default, more
-// with GRPC_VERBOSITY) go through spdlog, so they take our format (JSON lines too); and abseil's
-// mutex deadlock detector is turned off. Debian's abseil is built without NDEBUG, so every
-// absl::Mutex gRPC locks also runs that detector (a lock graph under a global lock): about 8%
-// of the CPU on a busy path (perf). gRPC's locking is not ours to verify; TSan builds still
-// check ours. Process-wide, idempotent.
-void SetUpGrpcClientProcess();
 
 }  // namespace registry_proxy
