@@ -55,8 +55,8 @@ bundle_closure "$bin"
 # Loaded on first use with dlopen (ldd cannot see them): libcurl, by the first mirror probe
 # (daemon/src/pull/curl_lib.h). Found as the dynamic loader would find them.
 for soname in libcurl.so.4; do
-  path=$(/sbin/ldconfig -p | awk -v n="$soname" '$1 == n && /x86-64|x86_64|AArch64|aarch64/ {print $NF; exit}')
-  [ -n "$path" ] || path=$(/sbin/ldconfig -p | awk -v n="$soname" '$1 == n {print $NF; exit}')
+  # (awk reads all of ldconfig's output: an early exit would SIGPIPE it, failing under pipefail)
+  path=$(/sbin/ldconfig -p | awk -v n="$soname" '$1 == n && !p {p = $NF} END {print p}')
   [ -n "$path" ] && [ -f "$path" ] || die "$soname (loaded on demand) is not installed here"
   install -m 0644 "$(readlink -f "$path")" "$root/lib/$soname"
   count=$((count + 1))

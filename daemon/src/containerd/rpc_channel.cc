@@ -431,6 +431,12 @@ void Complete(const CallPtr& call, RpcStatus status, bool drop = false) {
 
 // How a call whose stream closed cleanly (or was reset by the peer) ended.
 RpcStatus StatusAtClose(const RpcCallHandle::Call& call, uint32_t error) {
+  if (error == NGHTTP2_CANCEL && Clock::now() >= call.deadline) {
+    // The peer's own deadline (from our grpc-timeout, never earlier than ours) ended the call
+    // just before our timer did: containerd 2.x resets the stream then. gRPC reads that as
+    // DEADLINE_EXCEEDED, and so does the pull service's attempt timeout.
+    return RpcStatus(RpcCode::DEADLINE_EXCEEDED, "deadline exceeded");
+  }
   if (error != NGHTTP2_NO_ERROR) {
     return RpcStatus(CodeOfReset(error), std::string("stream reset (HTTP/2 error ") +
                                              nghttp2_http2_strerror(error) + ")");
