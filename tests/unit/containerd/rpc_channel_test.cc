@@ -582,6 +582,7 @@ TEST_F(RpcChannelTest, StreamCancelUnblocksRead) {
 TEST_F(RpcChannelTest, StreamErrorAndHandleCancel) {
   GrpcServer server(socket());
   RpcChannel channel(Options());
+  RpcCallHandle handle;  // outlives the streams it is given to (declared before them)
   auto stream = channel.Stream("/t/Error", "x");
   std::string m;
   EXPECT_FALSE(stream->Read(&m));
@@ -589,7 +590,6 @@ TEST_F(RpcChannelTest, StreamErrorAndHandleCancel) {
   EXPECT_EQ(s.error_code(), RpcCode::NOT_FOUND);
   EXPECT_EQ(s.error_message(), kErrorMessage);
 
-  RpcCallHandle handle;
   RpcCallOptions opts;
   opts.handle = &handle;
   stream = channel.Stream("/t/StreamHang", "x", opts);
