@@ -632,10 +632,11 @@ TEST_F(RpcChannelTest, LargeResponse) {
 TEST_F(RpcChannelTest, DestructorCancelsCallsInFlight) {
   GrpcServer server(socket());
   auto channel = std::make_unique<RpcChannel>(Options());
+  RpcChannel* in_flight = channel.get();  // the caller must not read `channel` while it resets
   RpcStatus s;
-  std::thread caller([&] {
+  std::thread caller([&s, in_flight] {
     std::string r;
-    s = channel->Call("/t/Hang", "x", &r);
+    s = in_flight->Call("/t/Hang", "x", &r);
   });
   ASSERT_TRUE(server.service().WaitStarted(1));
   channel.reset();
