@@ -37,9 +37,10 @@ using RpcMetadata = std::vector<std::pair<std::string, std::string>>;
 
 // Cancels one call from any thread: before it starts (it then fails CANCELLED at once), while
 // it runs (RST_STREAM CANCEL; the call returns CANCELLED) or after it ended (nothing). Owned by
-// the caller; it must outlive the call it is given to (for a stream: the RpcStream object). Once cancelled it stays cancelled, so a
-// call started with it later fails CANCELLED too. Thread-safe. A Cancellable, so a downstream
-// call's Cancellation (cri/call.h) can hold it: Cancellation::Scope scope(c, &handle).
+// the caller; it must outlive the call it is given to (for a stream: the RpcStream object). Once
+// cancelled it stays cancelled, so a call started with it later fails CANCELLED too. Thread-safe. A
+// Cancellable, so a downstream call's Cancellation (cri/call.h) can hold it: Cancellation::Scope
+// scope(c, &handle).
 class RpcCallHandle final : public Cancellable {
  public:
   RpcCallHandle() = default;
